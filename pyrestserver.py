@@ -33,7 +33,6 @@ import errno
 import hashlib
 import hmac
 import importlib
-from itertools import cycle, islice
 import json
 import os
 import re
@@ -48,6 +47,7 @@ import time
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import cycle, islice
 
 __version__ = "0.2.0"
 
@@ -1866,6 +1866,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.tls_user = None
         self.requests_served = 0
         self.busy = False
+        self.connection = sock
+        # The first request head (and the TLS handshake) must arrive within
+        # the header timeout of the accept, however slowly bytes trickle in.
+        self.head_deadline = time.monotonic() + server.timeouts["header"]
+        server.track(self, True)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         context = server.tls_context
@@ -1876,7 +1881,6 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.connection = sock
         self.rfile = sock.makefile("rb", self.rbufsize)
         self.wfile = _SocketWriter(sock)
-        server.track(self, True)
 
     def _tls_handshake(self, sock, context):
         """In this connection's own thread, bounded by a timeout: a client
@@ -1923,17 +1927,22 @@ class RequestHandler(BaseHTTPRequestHandler):
         timeouts = self.server.timeouts
         sock = self.connection
         try:
-            sock.settimeout(timeouts["idle"] if self.requests_served else timeouts["header"])
+            if self.requests_served:
+                sock.settimeout(timeouts["idle"])
+                if not self.rfile.peek(1):
+                    return
+                self.head_deadline = time.monotonic() + timeouts["header"]
+            sock.settimeout(timeouts["header"])
             line = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if not line:
                 return
             self.busy = True
-            sock.settimeout(timeouts["header"])
             try:
                 request = self.read_head(line)
             except HeadError as exc:
                 self.send_plain_error(exc.status)
                 return
+            self.head_deadline = None
             sock.settimeout(timeouts["body"])
             self.serve(request)
         except (OSError, ssl.SSLError):
@@ -2117,6 +2126,23 @@ class ResticServer(ThreadingHTTPServer):
         self.connections = set()
         self._connections_lock = threading.Lock()
         self._date = (0, "")
+        threading.Thread(target=self._enforce_head_deadlines, name="head-deadlines",
+                         daemon=True).start()
+
+    def _enforce_head_deadlines(self):
+        """Cut connections whose request head is overdue (slowloris)."""
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self._connections_lock:
+                late = [h for h in self.connections
+                        if h.head_deadline is not None and h.head_deadline < now]
+            for handler in late:
+                handler.head_deadline = None
+                try:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def http_date(self):
         now = int(time.time())
@@ -2352,13 +2378,22 @@ def load_backend_module(name):
             f"pip install 'pyrestserver[{name}]'") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show every real default; flags without one say so in their help."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, "") or isinstance(action.default, list):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(backend_module=None):
     parser = argparse.ArgumentParser(
         prog="pyrestserver",
         description="A REST server for restic backups (a drop-in replacement for rest-server).",
         epilog="Commands: 'pyrestserver user --help' manages htpasswd users; "
                "'pyrestserver repos --help' lists repositories.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("-v", "--version", action="version",
                         version=f"pyrestserver version {__version__}")
@@ -2569,8 +2604,238 @@ def serve(argv, log):
     return 0
 
 
-#: Subcommands: ``pyrestserver user ...`` and ``pyrestserver repos``.
-COMMANDS = {}
+# --- operator commands: users and repositories --------------------------------------
+
+
+def _htpasswd_path(args):
+    return args.htpasswd_file or os.path.join(args.path, ".htpasswd")
+
+
+def make_password_hash(password):
+    """bcrypt when the extra is installed, else SHA-512-crypt (stdlib only)."""
+    try:
+        import bcrypt
+    except ImportError:
+        return make_sha512_crypt(password)
+    if len(password) > 72:
+        raise ConfigError("bcrypt passwords are limited to 72 bytes")
+    return bcrypt.hashpw(password, bcrypt.gensalt()).decode("ascii")
+
+
+def _read_password(args, confirm):
+    if args.password_stdin:
+        line = sys.stdin.buffer.readline()
+        password = line.rstrip(b"\r\n")
+    else:
+        import getpass
+        password = getpass.getpass("Password: ").encode("utf-8")
+        if confirm and getpass.getpass("Password again: ").encode("utf-8") != password:
+            raise ConfigError("the passwords do not match")
+    if not password:
+        raise ConfigError("empty password")
+    return password
+
+
+class HtpasswdEditor:
+    """Edits an htpasswd file in place of Apache's tool: other lines and
+    comments stay as they were, the file is replaced atomically (mode 0600),
+    and concurrent editors take turns through a lock file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        self._lock = open(self.path + ".lock", "a")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                self.lines = f.read().splitlines()
+        except FileNotFoundError:
+            self.lines = []
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.close()
+
+    @staticmethod
+    def _user_of(line):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or ":" not in stripped:
+            return None
+        return stripped.split(":", 1)[0]
+
+    def users(self):
+        found = {}
+        for line in self.lines:
+            user = self._user_of(line)
+            if user is not None:
+                found[user] = line.strip().split(":", 1)[1]
+        return found
+
+    def set(self, user, hashed):
+        entry = f"{user}:{hashed}"
+        kept, replaced = [], False
+        for line in self.lines:
+            if self._user_of(line) == user:
+                if not replaced:
+                    kept.append(entry)
+                    replaced = True
+                continue
+            kept.append(line)
+        if not replaced:
+            kept.append(entry)
+        self.lines = kept
+        return replaced
+
+    def delete(self, user):
+        before = len(self.lines)
+        self.lines = [line for line in self.lines if self._user_of(line) != user]
+        return len(self.lines) != before
+
+    def save(self):
+        folder = os.path.dirname(os.path.abspath(self.path))
+        temp = os.path.join(folder, f".{os.path.basename(self.path)}.{secrets.token_hex(6)}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in self.lines))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, self.path)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def command_user(argv):
+    parser = argparse.ArgumentParser(
+        prog="pyrestserver user",
+        description="Manage the users of the htpasswd file the server reads. A running "
+                    "server picks changes up within 30 seconds, or at once on SIGHUP.")
+    parser.add_argument("action", choices=("add", "delete", "list", "verify"))
+    parser.add_argument("name", nargs="?")
+    parser.add_argument("--path", default=os.path.join(_tempdir(), "restic"),
+                        help="data directory (the file is <path>/.htpasswd by default)")
+    parser.add_argument("--htpasswd-file", default=None, help="the htpasswd file")
+    parser.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of standard input")
+    args = parser.parse_args(argv)
+    path = _htpasswd_path(args)
+    if args.action != "list":
+        if not args.name:
+            parser.error(f"user {args.action} needs a NAME")
+        if not valid_username(args.name):
+            raise ConfigError(f"invalid username {args.name!r}: use letters, numbers, "
+                              "'_', '-', '.' and '@'")
+    if args.action == "list":
+        with HtpasswdEditor(path) as editor:
+            for user, hashed in sorted(editor.users().items()):
+                print(f"{user}\t{hash_kind(hashed)}")
+        return 0
+    if args.action == "verify":
+        with HtpasswdEditor(path) as editor:
+            stored = editor.users().get(args.name)
+        if stored is None:
+            raise ConfigError(f"no user {args.name!r} in {path}")
+        try:
+            ok = verify_password(_read_password(args, confirm=False), stored)
+        except UnsupportedHash:
+            raise ConfigError(f"user {args.name!r} has an unsupported hash") from None
+        except BcryptMissing:
+            raise ConfigError("bcrypt is not installed: pip install pyrestserver[bcrypt]") from None
+        print("password correct" if ok else "password WRONG")
+        return 0 if ok else 1
+    if args.action == "add":
+        hashed = make_password_hash(_read_password(args, confirm=True))
+        with HtpasswdEditor(path) as editor:
+            replaced = editor.set(args.name, hashed)
+            editor.save()
+        print(f"{'Updated' if replaced else 'Added'} user {args.name} in {path}")
+        return 0
+    with HtpasswdEditor(path) as editor:
+        if not editor.delete(args.name):
+            raise ConfigError(f"no user {args.name!r} in {path}")
+        editor.save()
+    print(f"Deleted user {args.name} from {path}")
+    return 0
+
+
+def inspect_repository(provider, repo):
+    """Size, snapshots and visible damage of one local repository."""
+    report = {"repo": "/" + "".join(part + "/" for part in repo), "size": 0, "objects": 0,
+              "snapshots": 0, "last_snapshot": None, "temp_files": 0, "problems": []}
+    root = provider.repo_dir(repo)
+    if not os.path.isfile(os.path.join(root, "config")):
+        report["problems"].append("missing config")
+    for kind in OBJECT_TYPES:
+        if not os.path.isdir(os.path.join(root, kind)):
+            report["problems"].append(f"missing {kind}/")
+    newest = 0.0
+    for kind, name, size, mtime in provider._walk_repo(repo, True):
+        if kind == "temp":
+            report["temp_files"] += 1
+            continue
+        report["size"] += size
+        if kind == "config":
+            continue
+        report["objects"] += 1
+        if kind == "snapshots":
+            report["snapshots"] += 1
+            newest = max(newest, mtime)
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if not os.access(os.path.join(dirpath, name), os.R_OK):
+                report["problems"].append(f"unreadable {os.path.relpath(os.path.join(dirpath, name), root)}")
+    if newest:
+        report["last_snapshot"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest))
+    if report["temp_files"]:
+        report["problems"].append(f"{report['temp_files']} stray temp files")
+    return report
+
+
+def command_repos(argv):
+    parser = argparse.ArgumentParser(
+        prog="pyrestserver repos",
+        description="List the repositories under the data directory.")
+    parser.add_argument("--path", default=os.path.join(_tempdir(), "restic"), help="data directory")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.path):
+        raise ConfigError(f"no data directory at {args.path}")
+    provider = LocalStorageProvider(args.path, readonly=True)
+    reports = [inspect_repository(provider, repo) for repo in provider._repo_dirs()]
+    if args.json:
+        print(json.dumps(reports, indent=2))
+        return 0
+    rows = [("REPO", "SIZE", "SNAPSHOTS", "LAST SNAPSHOT", "STATUS")]
+    for r in reports:
+        rows.append((r["repo"], _human_size(r["size"]), str(r["snapshots"]),
+                     r["last_snapshot"] or "-", "; ".join(r["problems"]) or "ok"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+def _human_size(size):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+COMMANDS = {"user": command_user, "repos": command_repos}
 
 
 def main(argv=None):
