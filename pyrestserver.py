@@ -138,6 +138,12 @@ class StorageProvider:
         """Return the object's size in bytes, or raise NotFound."""
         raise NotImplementedError
 
+    def stat_before_save(self, repo, kind, name):
+        """The existence check before an upload (403 without reading the
+        body).  A provider whose ``commit`` refuses to overwrite anyway may
+        answer from a cache here instead of asking its storage."""
+        return self.stat(repo, kind, name)
+
     def open_object(self, repo, kind, name):
         """Return an ObjectReader for the object, or raise NotFound."""
         raise NotImplementedError
@@ -499,11 +505,11 @@ class LocalStorageProvider(StorageProvider):
         def visit(path, repo):
             try:
                 with os.scandir(path) as entries:
-                    children = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+                    listing = {e.name: e.is_dir(follow_symlinks=False) for e in entries}
             except OSError:
                 return
-            names = set(children)
-            if "config" in os.listdir(path) or any(k in names for k in OBJECT_TYPES):
+            children = [name for name, is_dir in listing.items() if is_dir]
+            if "config" in listing or any(listing.get(k) for k in OBJECT_TYPES):
                 found.append(repo)
             if len(repo) < MAX_REPO_DEPTH:
                 for name in sorted(children):
@@ -993,12 +999,11 @@ class Authenticator:
 
 
 class RepoUsage:
-    __slots__ = ("bytes", "snapshots", "newest_snapshot", "reserved")
+    __slots__ = ("bytes", "snapshot_times", "reserved")
 
     def __init__(self):
         self.bytes = 0
-        self.snapshots = 0
-        self.newest_snapshot = 0.0
+        self.snapshot_times = {}  # snapshot file name -> upload time
         self.reserved = 0
 
 
@@ -1036,8 +1041,7 @@ class UsageLedger:
                 usage.bytes += size
                 self.total += size
                 if kind == "snapshots":
-                    usage.snapshots += 1
-                    usage.newest_snapshot = max(usage.newest_snapshot, mtime)
+                    usage.snapshot_times[_name] = mtime
 
     def reserve(self, repo, amount):
         """Claim ``amount`` bytes for an upload; QuotaExceeded if it won't fit."""
@@ -1060,7 +1064,7 @@ class UsageLedger:
             usage.reserved -= amount
             self.reserved -= amount
 
-    def added(self, repo, kind, size, reserved=0):
+    def added(self, repo, kind, size, reserved=0, name=None):
         """An object was published (its reservation, if any, becomes usage)."""
         with self._lock:
             usage = self._repo(repo)
@@ -1070,20 +1074,20 @@ class UsageLedger:
             usage.bytes += size
             self.total += size
             if kind == "snapshots":
-                usage.snapshots += 1
-                usage.newest_snapshot = time.time()
+                usage.snapshot_times[name] = time.time()
 
-    def removed(self, repo, kind, size):
+    def removed(self, repo, kind, size, name=None):
         with self._lock:
             usage = self._repo(repo)
             usage.bytes = max(0, usage.bytes - size)
             self.total = max(0, self.total - size)
             if kind == "snapshots":
-                usage.snapshots = max(0, usage.snapshots - 1)
+                usage.snapshot_times.pop(name, None)
 
     def snapshot(self):
         with self._lock:
-            return {repo: (u.bytes, u.snapshots, u.newest_snapshot)
+            return {repo: (u.bytes, len(u.snapshot_times),
+                           max(u.snapshot_times.values(), default=0.0))
                     for repo, u in self.repos.items()}
 
 
@@ -1411,6 +1415,8 @@ def parse_route(target):
         if (segment in ("", ".", "..") or segment.startswith(".")
                 or _CONTROL_CHARS.search(segment)):
             raise HTTPError(404, f"Invalid request path: {path}")
+        if len(segment.encode("utf-8", "surrogatepass")) > 255:
+            raise HTTPError(400, "path segment longer than a file name may be")
     repo = []
     i = 0
     while (i < len(segments) - 1 and len(repo) < MAX_REPO_DEPTH
@@ -1500,6 +1506,12 @@ class ResticRESTApp:
             if self.debug and exc.detail:
                 self.log(f"{request.method} {_printable(request.target)}: {exc.detail}")
             response = error_response(exc.status, exc.headers)
+        except NotFound as exc:
+            if self.debug:
+                self.log(f"{request.method} {_printable(request.target)}: not found: {exc}")
+            response = error_response(404)
+        except ObjectExists:
+            response = error_response(403)
         except InsufficientStorage as exc:
             self.log(f"{request.method} {_printable(request.target)}: {exc}")
             response = error_response(507)
@@ -1636,7 +1648,7 @@ class ResticRESTApp:
         if body is None:
             raise HTTPError(411, "upload needs a Content-Length or chunked body")
         try:
-            self.provider.stat(repo, kind, name)
+            self.provider.stat_before_save(repo, kind, name)
             exists = True
         except NotFound:
             exists = False
@@ -1685,7 +1697,7 @@ class ResticRESTApp:
             if upload is not None:
                 upload.abort()
             raise
-        ledger.added(repo, kind, received, reserved)
+        ledger.added(repo, kind, received, reserved, name)
         if kind != "config" and self.prometheus:
             self.metrics.blob("write", request.user, repo, kind, received)
         return Response(200)
@@ -1733,7 +1745,7 @@ class ResticRESTApp:
             raise HTTPError(403, "append-only mode: deletes are not allowed")
         size = self.provider.delete(route.repo, route.kind, route.name)
         if size is not None:
-            self.ledger.removed(route.repo, route.kind, size)
+            self.ledger.removed(route.repo, route.kind, size, route.name)
             if route.kind != "config" and self.prometheus:
                 self.metrics.blob("delete", request.user, route.repo, route.kind, size)
         return Response(200)
@@ -1808,7 +1820,9 @@ class ChunkedReader:
             self.before_read = None
         try:
             if self.left_in_chunk == 0:
-                size_field = self._line().split(b";", 1)[0].strip(b" \t")
+                size_field, semicolon, _extensions = self._line().partition(b";")
+                if semicolon:  # whitespace is allowed only before extensions
+                    size_field = size_field.rstrip(b" \t")
                 if not size_field or len(size_field) > 16 or not re.fullmatch(
                         rb"[0-9a-fA-F]+", size_field):
                     raise BodyError("bad chunk size")
@@ -2187,6 +2201,10 @@ class ResticServer(ThreadingHTTPServer):
         ``grace`` seconds for requests in flight."""
         self.stopping = True
         self.shutdown()
+        try:  # new clients get "connection refused", not a silent hang
+            self.socket.close()
+        except OSError:
+            pass
         deadline = time.monotonic() + grace
         while True:
             with self._connections_lock:
@@ -2496,6 +2514,10 @@ def build_app(args, log):
     elif args.proxy_auth_username:
         auth = Authenticator(proxy_header=args.proxy_auth_username)
         log("Proxy Authentication enabled.")
+    elif (args.tls_client_ca and not args.htpasswd_file
+          and not os.path.exists(os.path.join(args.path, ".htpasswd"))):
+        auth = Authenticator()  # the verified certificate's common name is the user
+        log("Authentication enabled (TLS client certificates)")
     else:
         path = args.htpasswd_file or os.path.join(args.path, ".htpasswd")
         if not os.path.exists(path):
@@ -2549,6 +2571,7 @@ def serve(argv, log):
         key = args.tls_key or os.path.join(args.path, "private_key")
         tls_context = make_tls_context(cert, key, args.tls_min_ver, args.tls_client_ca)
     sock, kind = listen_socket(args.listen)
+    unix_path = sock.getsockname() if kind == "unix" else None
     server = ResticServer(
         sock, app, tls_context=tls_context, max_connections=args.max_connections, log=log,
         timeouts={"header": args.header_timeout, "body": args.body_timeout,
@@ -2584,7 +2607,9 @@ def serve(argv, log):
     log(f"start server on {socket_display(sock, kind)}")
     if args.tls:
         log(f"TLS enabled, private key {key}, pubkey {cert}")
-    thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    # A short poll interval makes SIGTERM prompt; ten wakeups a second cost nothing.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                              name="accept", daemon=True)
     thread.start()
     while not stop.wait(1.0):
         pass
@@ -2596,7 +2621,7 @@ def serve(argv, log):
     app.provider.close()
     if kind == "unix":
         try:
-            os.unlink(sock.getsockname())
+            os.unlink(unix_path)
         except OSError:
             pass
     sock.close()
@@ -2851,4 +2876,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Backends import ``pyrestserver``; make that this very module, not a
+    # second copy whose exception classes the running server would not know.
+    sys.modules.setdefault("pyrestserver", sys.modules[__name__])
     sys.exit(main())
