@@ -603,6 +603,11 @@ _SHA512_ORDER = [(i * 22 % 63, (i * 22 + 21) % 63, (i * 22 + 42) % 63)
                  for i in range(21)] + [(63,)]
 
 _SHA_ROUNDS_DEFAULT, _SHA_ROUNDS_MIN, _SHA_ROUNDS_MAX = 5000, 1000, 999999999
+# SHA-crypt cost grows with the square of the password length (seconds for
+# 64 KiB), so an unauthenticated client could burn CPU with huge
+# Basic-auth passwords.  htpasswd itself refuses passwords over 255 bytes and
+# libxcrypt over 511, so no legitimate entry needs more than this.
+MAX_PASSWORD_BYTES = 1024
 # glibc semantics: "rounds=<digits>$" is only a rounds field if it parses;
 # otherwise the text is simply taken as (part of) the salt.
 _SHA_SETTING = re.compile(r"\$([56])\$(?:rounds=([0-9]+)\$)?([^$]{0,16})")
@@ -693,7 +698,16 @@ def sha_crypt(password: bytes, setting: str) -> str:
         i >>= 1
     a = a.digest()
 
-    dp = new(p * n).digest()
+    # DP covers n copies of P, i.e. n**2 bytes: feed it in chunks of ~64 KiB
+    # instead of building one string (4 GiB for a 64 KiB password).
+    dp = new()
+    per_chunk = max(1, 65536 // n) if n else 1
+    chunk = p * per_chunk
+    full, rest = divmod(n, per_chunk)
+    for _ in range(full):
+        dp.update(chunk)
+    dp.update(p * rest)
+    dp = dp.digest()
     p2 = (dp * (n // size + 1))[:n]
     ds = new(s * (16 + a[0])).digest()
     s2 = ds[:len(s)]  # salt is at most 16 bytes, always shorter than ds
@@ -741,7 +755,7 @@ def _bcrypt_check(password, stored):
         return False
     try:
         return bcrypt.checkpw(password, stored.encode("ascii"))
-    except ValueError:  # malformed hash, NUL in password, ...
+    except ValueError:  # malformed or non-ASCII hash
         return False
 
 
@@ -751,11 +765,14 @@ def verify_password(password: bytes, stored: str) -> bool:
     Raises UnsupportedHash for schemes we refuse (plaintext, DES, $1$, ...)
     and BcryptMissing when bcrypt is needed but absent, so the caller can
     report a configuration problem instead of a silent login failure.
-    Every other problem with the stored value just means "no match".
+    Every other problem with the stored value, and any password longer than
+    MAX_PASSWORD_BYTES, just means "no match".
     """
     kind = hash_kind(stored)
     if kind in ("unknown", "plaintext-or-des"):
         raise UnsupportedHash(kind)
+    if len(password) > MAX_PASSWORD_BYTES:
+        return False
     if kind == "bcrypt":
         return _bcrypt_check(password, stored)
     try:
@@ -766,7 +783,7 @@ def verify_password(password: bytes, stored: str) -> bool:
         else:
             computed = sha_crypt(password, stored)
         return hmac.compare_digest(computed.encode(), stored.encode())
-    except (ValueError, UnicodeError):
+    except ValueError:  # malformed setting, non-ASCII salt, lone surrogates
         return False
 
 
