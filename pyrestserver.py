@@ -891,7 +891,9 @@ class Htpasswd:
             self._signature = signature
             self._checked_at = time.monotonic()
             self._cache.clear()
-            self._dummy_hash = next(iter(users.values()), None)
+            # Unknown users are checked against the costliest entry, so a
+            # miss takes as long as a wrong password for the slowest user.
+            self._dummy_hash = max(users.values(), key=_hash_cost, default=None)
         return users
 
     def reload(self):
@@ -956,6 +958,15 @@ class Htpasswd:
             return verify_password(password, stored)
         except (UnsupportedHash, ValueError):
             return False
+
+
+def _hash_cost(stored):
+    kind = hash_kind(stored)
+    if kind == "bcrypt":
+        return (5, stored[4:6])  # the cost factor follows the prefix
+    rounds = re.match(r"\$[56]\$rounds=(\d+)\$", stored)
+    return ({"sha512-crypt": 4, "sha256-crypt": 3, "apr1": 2}.get(kind, 1),
+            rounds.group(1).zfill(10) if rounds else "0005000")
 
 
 def parse_basic_auth(header):
@@ -1324,7 +1335,9 @@ class Request:
             body = BodyReader(environ["wsgi.input"], int(length))
         elif environ["REQUEST_METHOD"] in ("POST", "PUT"):
             body = _UntilEOFReader(environ["wsgi.input"])
-        cert_user = environ.get("SSL_CLIENT_S_DN_CN") or None
+        # Trust a client certificate only if the WSGI server says it verified it.
+        cert_user = (environ.get("SSL_CLIENT_S_DN_CN") or None
+                     if environ.get("SSL_CLIENT_VERIFY") == "SUCCESS" else None)
         return cls(environ["REQUEST_METHOD"], target, headers, body,
                    environ.get("REMOTE_ADDR", "-"), environ.get("SERVER_PROTOCOL", "HTTP/1.1"),
                    cert_user)
@@ -1570,7 +1583,8 @@ class ResticRESTApp:
         request.user = user
         route = parse_route(request.target)
         if self.private_repos and (not route.repo or route.repo[0] != user):
-            raise HTTPError(401, f"user {user!r} may not access /{route.repo_label}")
+            raise HTTPError(401, f"user {user!r} may not access /{route.repo_label}",
+                            [("WWW-Authenticate", 'Basic realm="restic"')])
         kind = route.kind
         if kind == "repo":
             if method != "POST":

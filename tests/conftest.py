@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -315,7 +314,9 @@ class Restic:
         return env
 
     def run(self, *args, check=True, timeout=600, repo=None):
-        cmd = [self.binary, "-r", repo or self.repo_url, "--no-progress"] + list(args)
+        # restic prints no progress when its output is not a terminal
+        # (restic 0.14 has no --no-progress flag).
+        cmd = [self.binary, "-r", repo or self.repo_url] + list(args)
         p = subprocess.run(
             cmd, capture_output=True, text=True, env=self.env(), timeout=timeout,
             stdin=subprocess.DEVNULL,
