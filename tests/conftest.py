@@ -88,7 +88,7 @@ class ServerProcess:
             args = args + ["--listen", "127.0.0.1:0"]
         return [self.python] + entry + args
 
-    def start(self, timeout=20):
+    def start(self, timeout=60):
         env = dict(os.environ)
         env.pop("LISTEN_FDS", None)
         env.pop("LISTEN_PID", None)
