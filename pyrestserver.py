@@ -37,6 +37,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import ssl
@@ -540,7 +541,10 @@ class LocalStorageProvider(StorageProvider):
         for kind, folder in folders:
             try:
                 entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
             except OSError:
+                yield ("unreadable", folder, 0, 0)
                 continue
             for entry in entries:
                 if entry.name.startswith(TEMP_PREFIX):
@@ -562,7 +566,7 @@ class LocalStorageProvider(StorageProvider):
     def scan(self):
         for repo in self._repo_dirs():
             for kind, name, size, mtime in self._walk_repo(repo, True):
-                if kind != "temp":
+                if kind not in ("temp", "unreadable"):
                     yield (repo, kind, name, size, mtime)
 
     def recover(self):
@@ -822,7 +826,7 @@ def parse_htpasswd(text, source="htpasswd", warn=None):
     """
     warn = warn or (lambda message: None)
     users = {}
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):  # not splitlines(): \x0c, \u2028...
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -2431,7 +2435,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show every real default; flags without one say so in their help."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, "") or isinstance(action.default, list):
+        default = action.default
+        if default is None or default is False or default == "" or isinstance(default, list):
             return action.help
         return super()._get_help_string(action)
 
@@ -2555,7 +2560,7 @@ def build_app(args, log):
             raise ConfigError(
                 f"cannot load {path}: no such file (use --no-auth to disable authentication)\n"
                 f"Create the first user with:  {_self_command()} user add NAME "
-                f"--htpasswd-file {path}")
+                f"--htpasswd-file {shlex.quote(path)}")
         htpasswd = Htpasswd(path, log=log)
         auth = Authenticator(htpasswd=htpasswd)
         log("Authentication enabled")
@@ -2582,8 +2587,11 @@ def build_app(args, log):
 
 
 def _self_command():
-    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "pyrestserver"
-    return f"python3 {script}" if script.endswith((".py", ".pyz")) else "pyrestserver"
+    """How this program was started, quoted so the printed command runs."""
+    script = sys.argv[0] if sys.argv and sys.argv[0] else "pyrestserver"
+    if script.endswith((".py", ".pyz")):
+        return f"python3 {shlex.quote(script)}"
+    return "pyrestserver"
 
 
 def app_from_argv(argv, log=None):
@@ -2697,24 +2705,48 @@ class HtpasswdEditor:
     comments stay as they were, the file is replaced atomically (mode 0600),
     and concurrent editors take turns through a lock file."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, write=True):
+        # Edit the file a symlink points to, not the link.
+        self.path = os.path.realpath(path)
+        self.write = write
+        self.owner = None
+        self._lock = None
 
     def __enter__(self):
-        import fcntl
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        self._lock = open(self.path + ".lock", "a")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        if self.write:
+            import fcntl
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            self._lock = open(self.path + ".lock", "a")
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
-            with open(self.path, encoding="utf-8") as f:
-                self.lines = f.read().splitlines()
+            with open(self.path, "rb") as f:
+                data = f.read()
+                st = os.fstat(f.fileno())
+                self.owner = (st.st_uid, st.st_gid)
         except FileNotFoundError:
-            self.lines = []
+            if not self.write:
+                self.__exit__()
+                raise ConfigError(f"no htpasswd file at {self.path}") from None
+            data = b""
+        except OSError as exc:
+            self.__exit__()
+            raise ConfigError(f"cannot read {self.path}: {exc.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.__exit__()
+            raise ConfigError(f"{self.path} is not valid UTF-8; not touching it") from None
+        # Split on "\n" only, so every other line (CRLF, odd characters) is
+        # written back byte for byte.
+        self.lines = text.split("\n")
+        if self.lines and self.lines[-1] == "":
+            self.lines.pop()
         return self
 
     def __exit__(self, *exc):
-        self._lock.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @staticmethod
     def _user_of(line):
@@ -2756,7 +2788,9 @@ class HtpasswdEditor:
         temp = os.path.join(folder, f".{os.path.basename(self.path)}.{secrets.token_hex(6)}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if self.owner is not None and self.owner != (os.geteuid(), os.getegid()):
+                os.fchown(fd, *self.owner)  # root editing must not lock the server out
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
                 f.write("".join(line + "\n" for line in self.lines))
                 f.flush()
                 os.fsync(f.fileno())
@@ -2776,7 +2810,7 @@ class HtpasswdEditor:
 
 def command_user(argv):
     parser = argparse.ArgumentParser(
-        prog="pyrestserver user",
+        prog="pyrestserver user", formatter_class=_HelpFormatter,
         description="Manage the users of the htpasswd file the server reads. A running "
                     "server picks changes up within 30 seconds, or at once on SIGHUP.")
     parser.add_argument("action", choices=("add", "delete", "list", "verify"))
@@ -2795,12 +2829,12 @@ def command_user(argv):
             raise ConfigError(f"invalid username {args.name!r}: use letters, numbers, "
                               "'_', '-', '.' and '@'")
     if args.action == "list":
-        with HtpasswdEditor(path) as editor:
+        with HtpasswdEditor(path, write=False) as editor:
             for user, hashed in sorted(editor.users().items()):
                 print(f"{user}\t{hash_kind(hashed)}")
         return 0
     if args.action == "verify":
-        with HtpasswdEditor(path) as editor:
+        with HtpasswdEditor(path, write=False) as editor:
             stored = editor.users().get(args.name)
         if stored is None:
             raise ConfigError(f"no user {args.name!r} in {path}")
@@ -2842,6 +2876,9 @@ def inspect_repository(provider, repo):
         if kind == "temp":
             report["temp_files"] += 1
             continue
+        if kind == "unreadable":
+            report["problems"].append(f"unreadable {os.path.relpath(name, root)}/")
+            continue
         report["size"] += size
         if kind == "config":
             continue
@@ -2849,7 +2886,10 @@ def inspect_repository(provider, repo):
         if kind == "snapshots":
             report["snapshots"] += 1
             newest = max(newest, mtime)
-    for dirpath, _dirs, files in os.walk(root):
+    def walk_error(exc):
+        report["problems"].append(f"unreadable {os.path.relpath(exc.filename, root)}/")
+
+    for dirpath, _dirs, files in os.walk(root, onerror=walk_error):
         for name in files:
             if not os.access(os.path.join(dirpath, name), os.R_OK):
                 report["problems"].append(f"unreadable {os.path.relpath(os.path.join(dirpath, name), root)}")
@@ -2857,12 +2897,13 @@ def inspect_repository(provider, repo):
         report["last_snapshot"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest))
     if report["temp_files"]:
         report["problems"].append(f"{report['temp_files']} stray temp files")
+    report["problems"] = list(dict.fromkeys(report["problems"]))  # each once
     return report
 
 
 def command_repos(argv):
     parser = argparse.ArgumentParser(
-        prog="pyrestserver repos",
+        prog="pyrestserver repos", formatter_class=_HelpFormatter,
         description="List the repositories under the data directory.")
     parser.add_argument("--path", default=os.path.join(_tempdir(), "restic"), help="data directory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
