@@ -4,7 +4,7 @@
 #                 apache2-utils are installed, run the test suite
 #   make lint     ruff check
 #   make zipapp   build pyrestserver.pyz (run it with: python3 pyrestserver.pyz --path ...)
-#   make bench    run bench/run.py (once it exists)
+#   make bench    pyrestserver against rclone serve restic (BENCH_ARGS="--scale full")
 #   make clean    remove build output (make distclean also removes .venv)
 #
 # Variables: PYTHON (interpreter used to create .venv, default python3),
@@ -66,12 +66,9 @@ system-deps:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+BENCH_ARGS ?=
 bench: $(STAMP)
-	@if [ -f bench/run.py ]; then \
-	  $(VPY) bench/run.py; \
-	else \
-	  echo "bench: not built yet (bench/run.py does not exist)"; \
-	fi
+	$(VPY) bench/run.py $(BENCH_ARGS)
 
 # A single-file executable archive: pyrestserver.py plus a __main__.py.
 # The optional companion modules are included when they exist.

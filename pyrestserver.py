@@ -69,6 +69,7 @@ OBJECT_ID = re.compile(r"[0-9a-f]{64}\Z")
 V1_TYPE = "application/vnd.x.restic.rest.v1"
 V2_TYPE = "application/vnd.x.restic.rest.v2"
 CHUNK_SIZE = 1 << 20  # bytes read/hashed/written per step: bounds memory per upload
+LISTING_CACHE_ENTRIES = 100_000  # objects whose listing the local backend remembers
 
 
 class StorageError(Exception):
@@ -279,6 +280,7 @@ class LocalUpload(Upload):
                 raise ObjectExists(self.final_path) from None
             os.unlink(self.temp_path)
             self.done = True
+            provider._forget_listing(self.final_path)
             provider.fsync_dir(os.path.dirname(self.final_path))
         except OSError as exc:
             raise storage_error(exc, "publish") from None
@@ -316,6 +318,11 @@ class LocalStorageProvider(StorageProvider):
         self._fsync_supported = True
         self._uploads = set()
         self._uploads_lock = threading.Lock()
+        # folder -> (mtime_ns, [(name, size)]): listing `data` stats every
+        # pack; a folder whose mtime has not moved lists the same.
+        self._listings = {}
+        self._listed_entries = 0  # bounded: about 200 bytes of memory each
+        self._listings_lock = threading.RLock()
 
     # -- paths ---------------------------------------------------------------
     def repo_dir(self, repo):
@@ -463,6 +470,7 @@ class LocalStorageProvider(StorageProvider):
         try:
             size = os.lstat(path).st_size
             os.unlink(path)
+            self._forget_listing(path)
         except OSError as exc:
             if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
                 return None
@@ -487,8 +495,34 @@ class LocalStorageProvider(StorageProvider):
         except OSError as exc:
             raise storage_error(exc, "list") from None
 
+    def _list_folder(self, folder):
+        """A folder's objects, from the cache while its mtime is unchanged.
+
+        A listing is cached only if the folder's mtime was over a second old
+        when it was read, so a change within the same timestamp tick can
+        never hide behind an equal mtime; our own writes drop the entry.
+        """
+        mtime = os.stat(folder).st_mtime_ns
+        cached = self._listings.get(folder)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        items = self._read_folder(folder)
+        with self._listings_lock:
+            self._forget_listing(folder, is_folder=True)
+            if (time.time_ns() - mtime > 1_000_000_000
+                    and self._listed_entries + len(items) <= LISTING_CACHE_ENTRIES):
+                self._listings[folder] = (mtime, items)
+                self._listed_entries += len(items)
+        return items
+
+    def _forget_listing(self, path, is_folder=False):
+        with self._listings_lock:
+            old = self._listings.pop(path if is_folder else os.path.dirname(path), None)
+            if old is not None:
+                self._listed_entries -= len(old[1])
+
     @staticmethod
-    def _list_folder(folder):
+    def _read_folder(folder):
         items = []
         with os.scandir(folder) as entries:
             for entry in entries:
@@ -1818,6 +1852,7 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
 DRAIN_LIMIT = 64 * 1024  # unread body we swallow to keep a connection; more: close
+SMALL_BODY = 64 * 1024  # bodies up to this size are sent with the head in one write
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) (HTTP/1\.[01])\r\n\Z")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -2128,6 +2163,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(head + response.body if len(response.body) < 65536 else head)
             if len(response.body) >= 65536:
                 self.wfile.write(response.body)
+            return
+        if response.length <= SMALL_BODY:
+            # Index, key and snapshot files and small ranges: one write with
+            # the head is cheaper than setting up sendfile.
+            self.wfile.write(head + b"".join(response.iter_body()))
             return
         self.wfile.write(head)
         source = response.reader.sendfile_source() if self.use_sendfile else None
