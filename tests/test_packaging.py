@@ -89,3 +89,45 @@ def test_pip_install_console_script(tmp_path):
     p = run([cli, "--help"], cwd=tmp_path, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "--path" in p.stdout + p.stderr
+
+
+def copy_sources(dest):
+    dest.mkdir()
+    for name in SOURCES:
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, dest / name)
+    return dest
+
+
+def test_extras_install_and_each_backend_loads(tmp_path):
+    """`pip install .[bcrypt,drime,s3]` in a clean venv brings what each extra
+    promises: bcrypt hashes, and the drime and s3 backends load by name."""
+    src = copy_sources(tmp_path / "src")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    vpy = env_dir / "bin" / "python"
+    p = run([vpy, "-m", "pip", "install", "-q", f"{src}[bcrypt,drime,s3]"], cwd=tmp_path,
+            timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = run([vpy, "-c",
+             "import bcrypt, pyrestserver as core; "
+             "print(core.make_password_hash(b'pw')[:4]); "
+             "print(core.load_backend_module('drime').__name__); "
+             "print(core.load_backend_module('s3').__name__)"], cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["$2b$", "pyrestserver_drime", "pyrestserver_s3"]
+
+
+def test_backend_without_its_extra_names_the_extra(tmp_path):
+    """Without boto3, `--backend s3` stops with a one-line hint, no traceback."""
+    src = copy_sources(tmp_path / "src")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    vpy = env_dir / "bin" / "python"
+    p = run([vpy, "-m", "pip", "install", "-q", "--no-deps", str(src)], cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = run([env_dir / "bin" / "pyrestserver", "--backend", "s3", "--s3-bucket", "b",
+             "--path", tmp_path / "d", "--no-auth"], cwd=tmp_path, timeout=60)
+    assert p.returncode == 1
+    assert "pip install 'pyrestserver[s3]'" in p.stderr
+    assert "Traceback" not in p.stderr
