@@ -52,6 +52,7 @@ system-deps:
 	@missing=""; \
 	command -v restic >/dev/null || missing="$$missing restic"; \
 	command -v htpasswd >/dev/null || missing="$$missing apache2-utils"; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing with apt-get"; \

@@ -365,37 +365,42 @@ class LocalStorageProvider(StorageProvider):
     def create_repo(self, repo):
         self._check_writable()
         root = self.repo_dir(repo)
+        made = []
         try:
-            created = self._makedirs(root)
+            self._makedirs(root, made)
             for kind in OBJECT_TYPES:
-                created |= self._mkdir(os.path.join(root, kind))
+                self._mkdir(os.path.join(root, kind), made)
             data = os.path.join(root, "data")
             for i in range(256):
-                created |= self._mkdir(os.path.join(data, f"{i:02x}"))
-            if created:
-                self.fsync_dir(data)
-                self.fsync_dir(root)
-                self.fsync_dir(os.path.dirname(root))
+                self._mkdir(os.path.join(data, f"{i:02x}"), made)
+            self._sync_parents(made)
         except OSError as exc:
             raise storage_error(exc, "create repository") from None
-        return created
+        return bool(made)
 
-    def _mkdir(self, path):
+    def _sync_parents(self, made):
+        """Make new folders durable: fsync each one's parent, deepest first."""
+        for parent in sorted({os.path.dirname(p) for p in made}, key=len, reverse=True):
+            self.fsync_dir(parent)
+
+    def _mkdir(self, path, made=None):
         try:
             os.mkdir(path, self.dir_mode)
+            if made is not None:
+                made.append(path)
             return True
         except FileExistsError:
             if not os.path.isdir(path):
                 raise
             return False
 
-    def _makedirs(self, path):
+    def _makedirs(self, path, made=None):
         if os.path.isdir(path):
             return False
         parent = os.path.dirname(path)
         if parent != path:
-            self._makedirs(parent)
-        return self._mkdir(path)
+            self._makedirs(parent, made)
+        return self._mkdir(path, made)
 
     def stat(self, repo, kind, name):
         path = self.object_path(repo, kind, name)
@@ -443,7 +448,9 @@ class LocalStorageProvider(StorageProvider):
                 # A type or data/xx folder is missing (created by hand, or
                 # removed): create it, as rest-server does.
                 try:
-                    self._makedirs(folder)
+                    made = []
+                    self._makedirs(folder, made)
+                    self._sync_parents(made)
                 except OSError as exc:
                     raise storage_error(exc, "mkdir") from None
             except OSError as exc:
@@ -1505,6 +1512,9 @@ def parse_route(target):
     raise HTTPError(404, f"no such resource: {path}")
 
 
+_RANGE_NUMBER = re.compile(r"[0-9]*\Z")  # ASCII only: str.isdigit() accepts '²', int() does not
+
+
 def parse_range(header, size):
     """Return (start, length) for a single ``bytes=`` range, None to serve the
     whole object (no header, or several ranges), or raise HTTPError(416)."""
@@ -1517,7 +1527,7 @@ def parse_range(header, size):
         return None  # multiple ranges: restic never asks; a full 200 is valid HTTP
     first, dash, last = spec.strip().partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    if not dash or not _RANGE_NUMBER.match(first) or not _RANGE_NUMBER.match(last):
         raise HTTPError(416, "invalid range", [("Content-Range", f"bytes */{size}")])
     if first == "":
         if last == "":
@@ -1953,13 +1963,19 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.connection = sock
         # The first request head (and the TLS handshake) must arrive within
         # the header timeout of the accept, however slowly bytes trickle in.
-        self.head_deadline = time.monotonic() + server.timeouts["header"]
+        self.waiting_since = time.monotonic()
+        self.head_deadline = self.waiting_since + server.timeouts["header"]
+        self.evicted = False
         server.track(self, True)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         context = server.tls_context
         if context is not None:
-            sock = self._tls_handshake(sock, context)
+            try:
+                sock = self._tls_handshake(sock, context)
+            except BaseException:
+                server.track(self, False)  # finish() is not called when setup() fails
+                raise
             self.request = sock
         self.use_sendfile = context is None
         self.connection = sock
@@ -2012,6 +2028,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         sock = self.connection
         try:
             if self.requests_served:
+                self.waiting_since = time.monotonic()
                 sock.settimeout(timeouts["idle"])
                 if not self.rfile.peek(1):
                     return
@@ -2240,9 +2257,13 @@ class ResticServer(ThreadingHTTPServer):
         return self._date[1]
 
     def process_request(self, request, client_address):
-        # Hold accept() while every slot is taken, like a limited listener:
-        # queued clients wait in the backlog instead of costing a thread.
-        while not self.slots.acquire(timeout=0.5):
+        # When every slot is taken, the connection that has waited longest
+        # without sending a complete request (idle keep-alive, or a head
+        # trickling in) makes room; failing that, accept() waits.
+        while not self.slots.acquire(blocking=False):
+            self._evict_longest_waiting()
+            if self.slots.acquire(timeout=0.5):
+                break
             if self.stopping:
                 self.shutdown_request(request)
                 return
@@ -2257,6 +2278,19 @@ class ResticServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+    def _evict_longest_waiting(self):
+        with self._connections_lock:
+            waiting = [h for h in self.connections if not h.evicted
+                       and (h.head_deadline is not None or not h.busy)]
+        if waiting:
+            victim = min(waiting, key=lambda h: h.waiting_since)
+            victim.evicted = True
+            victim.head_deadline = None
+            try:
+                victim.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def track(self, handler, opened):
         with self._connections_lock:
