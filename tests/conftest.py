@@ -218,6 +218,16 @@ class ServerProcess:
         return self.request("POST", f"{prefix}/{kind}/{name}", body=body, auth=auth)
 
 
+def obj_path(data_dir, repo, kind, name):
+    """Where the local backend stores an object (restic's local layout)."""
+    base = Path(data_dir, *[p for p in repo.split("/") if p])
+    if kind == "config":
+        return base / "config"
+    if kind == "data":
+        return base / "data" / name[:2] / name
+    return base / kind / name
+
+
 def temp_files(root):
     """Files left by pyrestserver's upload path (never an object name)."""
     found = []

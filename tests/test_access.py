@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (IN_CI, TYPES, V2, ServerProcess, basic_auth, make_tree, object_id,
+from conftest import (IN_CI, TYPES, V2, ServerProcess, basic_auth, make_tree, obj_path,
+                      object_id,
                       temp_files, tree_digest)
 
 REALM = 'Basic realm="restic"'
@@ -47,15 +48,6 @@ def sha_entry(user, password):
 def write_users(path, users):
     Path(path).write_text("".join(sha_entry(u, p) + "\n" for u, p in users.items()),
                           encoding="utf-8")
-
-
-def obj_path(data_dir, repo, kind, name):
-    base = Path(data_dir, *[p for p in repo.split("/") if p])
-    if kind == "config":
-        return base / "config"
-    if kind == "data":
-        return base / "data" / name[:2] / name
-    return base / kind / name
 
 
 def target(repo, kind, name=None):

@@ -48,7 +48,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pyrestserver
-from conftest import IN_CI, TYPES, V2, basic_auth, make_tree, object_id, temp_files, tree_digest
+from conftest import (IN_CI, TYPES, V2, basic_auth, make_tree, obj_path, object_id, temp_files,
+                      tree_digest)
 from faults import (FaultProxy, KeepAlive, ServerClosed, Strace, audit_store, fd_count, figure,
                     free_bytes, mounts_available, parse_strace, raise_nofile, read_only_bind,
                     read_response, request_bytes, rst_close, thread_count, tmpfs, tree_state,
@@ -89,15 +90,6 @@ def can_mount():
 @pytest.fixture(scope="session")
 def has_strace():
     return shutil.which("strace") is not None and os.geteuid() == 0
-
-
-def obj_path(data_dir, repo, kind, name):
-    base = Path(data_dir, *[p for p in repo.split("/") if p])
-    if kind == "config":
-        return base / "config"
-    if kind == "data":
-        return base / "data" / name[:2] / name
-    return base / kind / name
 
 
 def target(repo, kind, name=None):
