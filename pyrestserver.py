@@ -563,10 +563,9 @@ class LocalStorageProvider(StorageProvider):
         return found
 
     def _walk_repo(self, repo, with_sizes):
-        """Yield (kind, name, size, mtime) of a repo's objects; remove temp files.
-
-        Returns the number of temp files removed through the generator's value.
-        """
+        """Yield (kind, name, size, mtime) for a repo's objects, plus
+        ("temp", path, 0, 0) for leftover temp files and ("unreadable", path,
+        0, 0) for folders that cannot be listed; callers pick what they need."""
         root = self.repo_dir(repo)
         folders = [("config", root)]
         for kind in OBJECT_TYPES:
@@ -1718,6 +1717,18 @@ class ResticRESTApp:
             self.metrics.blob("read", request.user, route.repo, route.kind, length)
         return Response(status, headers, reader=reader, start=start, length=length)
 
+    @staticmethod
+    def _body_chunks(body):
+        """The request body in chunks; a malformed or cut body is a 400."""
+        try:
+            while True:
+                chunk = body.read(CHUNK_SIZE)
+                if not chunk:
+                    return
+                yield chunk
+        except BodyError as exc:
+            raise HTTPError(400, str(exc)) from None
+
     def _append_only_for(self, user):
         return self.append_only and user not in self.append_only_exempt
 
@@ -1744,10 +1755,7 @@ class ResticRESTApp:
         upload = None
         try:
             upload = self.provider.begin_save(repo, kind, name, body.length)
-            while True:
-                chunk = body.read(CHUNK_SIZE)
-                if not chunk:
-                    break
+            for chunk in self._body_chunks(body):
                 received += len(chunk)
                 if body.length is None:
                     ledger.reserve(repo, len(chunk))
@@ -1766,11 +1774,6 @@ class ResticRESTApp:
             if verify and self._append_only_for(request.user):
                 return Response(200)
             raise HTTPError(403, "object exists") from None
-        except BodyError as exc:
-            ledger.release(repo, reserved)
-            if upload is not None:
-                upload.abort()
-            raise HTTPError(400, str(exc)) from None
         except BaseException:
             ledger.release(repo, reserved)
             if upload is not None:
@@ -1791,30 +1794,18 @@ class ResticRESTApp:
         body = request.body
         if self.verify_upload and route.kind != "config":
             hasher = hashlib.sha256()
-            try:
-                while True:
-                    chunk = body.read(CHUNK_SIZE)
-                    if not chunk:
-                        break
-                    hasher.update(chunk)
-            except BodyError as exc:
-                raise HTTPError(400, str(exc)) from None
+            for chunk in self._body_chunks(body):
+                hasher.update(chunk)
             if hasher.hexdigest() != route.name:
                 raise HTTPError(400, "file content does not match hash")
             return Response(200)
         with self.provider.open_object(route.repo, route.kind, route.name) as reader:
             offset, same = 0, True
-            try:
-                while True:
-                    chunk = body.read(CHUNK_SIZE)
-                    if not chunk:
-                        break
-                    if same:
-                        same = (offset + len(chunk) <= reader.size and chunk == b"".join(
-                            reader.iter_range(offset, len(chunk))))
-                    offset += len(chunk)
-            except BodyError as exc:
-                raise HTTPError(400, str(exc)) from None
+            for chunk in self._body_chunks(body):
+                if same:
+                    same = (offset + len(chunk) <= reader.size and chunk == b"".join(
+                        reader.iter_range(offset, len(chunk))))
+                offset += len(chunk)
             if same and offset == reader.size:
                 return Response(200)
         raise HTTPError(403, "object exists with different content")
