@@ -68,7 +68,10 @@ TEMP_PREFIX = ".upload-"
 OBJECT_ID = re.compile(r"[0-9a-f]{64}\Z")
 V1_TYPE = "application/vnd.x.restic.rest.v1"
 V2_TYPE = "application/vnd.x.restic.rest.v2"
-CHUNK_SIZE = 1 << 20  # bytes read/hashed/written per step: bounds memory per upload
+#: Bytes read, hashed and written per step of an upload (and read per step of
+#: a download that cannot use sendfile).  Uploads read into reused buffers of
+#: this size, so it is also the memory one upload in progress holds.
+CHUNK_SIZE = 256 * 1024
 LISTING_CACHE_ENTRIES = 100_000  # objects whose listing the local backend remembers
 
 
@@ -186,6 +189,8 @@ class Upload:
     """One object being uploaded; see ``StorageProvider.begin_save``."""
 
     def write(self, chunk):
+        """Append ``chunk``, a bytes-like object that is only valid during the
+        call (the server reuses its buffer): copy what must be kept."""
         raise NotImplementedError
 
     def commit(self):
@@ -1315,29 +1320,74 @@ class BodyError(Exception):
     """The request body was malformed or ended early (the client's fault)."""
 
 
-class BodyReader:
-    """A request body of known length."""
+class BufferPool:
+    """Upload buffers handed back after each request and reused: memory stays
+    at one buffer per upload in progress instead of a fresh allocation per
+    read, which the allocator would spread over per-thread arenas."""
 
-    def __init__(self, stream, length):
+    def __init__(self, size, keep=8):
+        self.size = size
+        self.keep = keep
+        self._free = []
+
+    def take(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            return bytearray(self.size)
+
+    def give(self, buffer):
+        if len(self._free) < self.keep:
+            self._free.append(buffer)
+
+
+def _read_into(stream, view):
+    """Fill ``view`` from ``stream`` as far as it goes; the byte count (0 at
+    the end).  WSGI input streams need not have ``readinto``."""
+    readinto = getattr(stream, "readinto", None)
+    if readinto is not None:
+        return readinto(view) or 0
+    data = stream.read(len(view))
+    view[:len(data)] = data
+    return len(data)
+
+
+class BodyReader:
+    """A request body of known length.  ``before_read`` runs once, before the
+    first byte is read (the built-in server sends ``100 Continue`` there)."""
+
+    def __init__(self, stream, length, before_read=None):
         self.stream = stream
         self.length = length
         self.remaining = length
+        self.before_read = before_read
 
     @property
     def consumed(self):
         return self.remaining == 0
 
     def read(self, size=CHUNK_SIZE):
+        buffer = bytearray(min(size, max(self.remaining, 0)))
+        return bytes(buffer[:self.readinto(buffer)])
+
+    def readinto(self, buffer):
+        """Read at most ``len(buffer)`` body bytes into it; 0 at the end."""
         if self.remaining <= 0:
-            return b""
+            return 0
+        if self.before_read is not None:
+            self.before_read()
+            self.before_read = None
+        view = memoryview(buffer)
+        if len(view) > self.remaining:
+            view = view[:self.remaining]
         try:
-            data = self.stream.read(min(size, self.remaining))
+            n = _read_into(self.stream, view)
         except (OSError, ValueError) as exc:
             raise BodyError(f"reading body: {exc}") from None
-        if not data:
+        if not n:
             raise BodyError("unexpected EOF")
-        self.remaining -= len(data)
-        return data
+        self.remaining -= n
+        return n
 
 
 class Request:
@@ -1397,12 +1447,16 @@ class _UntilEOFReader:
         self.consumed = False
 
     def read(self, size=CHUNK_SIZE):
+        buffer = bytearray(size)
+        return bytes(buffer[:self.readinto(buffer)])
+
+    def readinto(self, buffer):
         if self.consumed:
-            return b""
-        data = self.stream.read(size)
-        if not data:
+            return 0
+        n = _read_into(self.stream, memoryview(buffer))
+        if not n:
             self.consumed = True
-        return data
+        return n
 
 
 class Response:
@@ -1574,6 +1628,7 @@ class ResticRESTApp:
         self.access_log = access_log
         self.log = log or (lambda message: None)
         self.debug = debug
+        self.buffers = BufferPool(CHUNK_SIZE)
 
     # -- entry points ------------------------------------------------------------
     def handle(self, request):
@@ -1717,17 +1772,21 @@ class ResticRESTApp:
             self.metrics.blob("read", request.user, route.repo, route.kind, length)
         return Response(status, headers, reader=reader, start=start, length=length)
 
-    @staticmethod
-    def _body_chunks(body):
-        """The request body in chunks; a malformed or cut body is a 400."""
+    def _body_chunks(self, body):
+        """The request body as views of one pooled buffer, each valid until
+        the next is asked for; a malformed or cut body is a 400."""
+        buffer = self.buffers.take()
+        view = memoryview(buffer)
         try:
             while True:
-                chunk = body.read(CHUNK_SIZE)
-                if not chunk:
+                n = body.readinto(view)
+                if not n:
                     return
-                yield chunk
+                yield view[:n]
         except BodyError as exc:
             raise HTTPError(400, str(exc)) from None
+        finally:
+            self.buffers.give(buffer)
 
     def _append_only_for(self, user):
         return self.append_only and user not in self.append_only_exempt
@@ -1884,8 +1943,12 @@ class ChunkedReader:
         return line[:-2]
 
     def read(self, size=CHUNK_SIZE):
+        buffer = bytearray(size)
+        return bytes(buffer[:self.readinto(buffer)])
+
+    def readinto(self, buffer):
         if self.consumed:
-            return b""
+            return 0
         if self.before_read is not None:
             self.before_read()
             self.before_read = None
@@ -1902,31 +1965,20 @@ class ChunkedReader:
                     for _ in range(MAX_HEADERS):  # trailers, ignored
                         if self._line(MAX_REQUEST_LINE) == b"":
                             self.consumed = True
-                            return b""
+                            return 0
                     raise BodyError("too many trailers")
-            data = self.rfile.read(min(size, self.left_in_chunk))
-            if not data:
+            view = memoryview(buffer)
+            if len(view) > self.left_in_chunk:
+                view = view[:self.left_in_chunk]
+            n = self.rfile.readinto(view)
+            if not n:
                 raise BodyError("unexpected EOF")
-            self.left_in_chunk -= len(data)
+            self.left_in_chunk -= n
             if self.left_in_chunk == 0 and self.rfile.read(2) != b"\r\n":
                 raise BodyError("chunk not followed by CRLF")
-            return data
+            return n
         except OSError as exc:
             raise BodyError(f"reading body: {exc}") from None
-
-
-class _ContinueBodyReader(BodyReader):
-    """A fixed-length body that sends ``100 Continue`` on its first read."""
-
-    def __init__(self, stream, length, before_read):
-        super().__init__(stream, length)
-        self.before_read = before_read
-
-    def read(self, size=CHUNK_SIZE):
-        if self.before_read is not None:
-            self.before_read()
-            self.before_read = None
-        return super().read(size)
 
 
 class _SocketWriter:
@@ -2108,7 +2160,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise HeadError(400, "bad Content-Length")
         length = int(cl)
         if send_continue is not None and length:
-            return _ContinueBodyReader(self.rfile, length, send_continue)
+            return BodyReader(self.rfile, length, send_continue)
         return BodyReader(self.rfile, length)
 
     def _send_continue(self):
@@ -3012,7 +3064,78 @@ def main(argv=None):
         return 1
 
 
+# Running this file as a script.  CPython keeps a script's parse tree, about
+# 6 MiB for this file, until the script returns, which for a server is never.
+# So ``python3 pyrestserver.py`` replaces itself (same PID, same interpreter
+# options and arguments) with an interpreter that compiles this file as the
+# module ``pyrestserver``, where the tree is freed as soon as the code exists.
+
+#: Interpreter flags that may come before the script and mean the same before
+#: ``-c`` (others, e.g. ``-m pdb`` or ``-x``, and we run in place instead).
+_PLAIN_FLAGS = frozenset("bBdEIOPqsSuv")
+
+_LOAD_AS_MODULE = (
+    "import sys;from importlib.machinery import SourceFileLoader as L;p=sys.argv[1];"
+    "l=L('pyrestserver',p);m=type(sys)('pyrestserver');m.__file__=p;"
+    "sys.modules['pyrestserver']=m;exec(l.source_to_code(l.get_data(p),p),m.__dict__);"
+    "m._run_loaded_script()")
+
+
+def _reload_command():
+    """The command that re-runs this script as a module, or None where that
+    could change what runs: Python 3.9 (no ``sys.orig_argv``), a debugger,
+    profiler or ``-i``, an unknown interpreter option."""
+    original = getattr(sys, "orig_argv", None)
+    if (not original or not sys.executable or sys.flags.inspect
+            or sys.gettrace() is not None or sys.getprofile() is not None):
+        return None
+    count = len(sys.argv)
+    if len(original) <= count or original[-count:] != sys.argv:
+        return None
+    options = original[1:-count]
+    i = 0
+    while i < len(options):
+        option = options[i]
+        if option in ("-X", "-W"):
+            i += 2
+            continue
+        if not (option.startswith(("-X", "-W")) or (
+                len(option) > 1 and option[0] == "-" and set(option[1:]) <= _PLAIN_FLAGS)):
+            return None
+        i += 1
+    if i != len(options):
+        return None
+    return [sys.executable, *options, "-c", _LOAD_AS_MODULE, *sys.argv]
+
+
+def _release_memory():
+    """Hand freed heap pages back to the OS (glibc only; a no-op elsewhere)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
+def _run_loaded_script():
+    """Second half of a script run, in the interpreter ``_reload_command``
+    started: restore what a script run would have seen, then serve."""
+    sys.argv = sys.argv[1:]
+    if sys.path and sys.path[0] == "":  # -c put the working folder first
+        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+    _release_memory()  # what compiling this file used
+    sys.exit(main())
+
+
 if __name__ == "__main__":
+    command = _reload_command()
+    if command is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execv(sys.executable, command)
+        except OSError:
+            pass  # run in this interpreter instead
     # Backends import ``pyrestserver``; make that this very module, not a
     # second copy whose exception classes the running server would not know.
     sys.modules.setdefault("pyrestserver", sys.modules[__name__])
