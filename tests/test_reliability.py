@@ -995,6 +995,56 @@ def test_stalled_uploads_are_cut_by_the_body_timeout(start_server, report):
     assert not any(isinstance(a, int) and 200 <= a < 300 for a in answers), answers
 
 
+
+def test_downloads_to_clients_that_stop_reading_are_cut_by_the_body_timeout(start_server,
+                                                                             report):
+    """F8: 10 clients ask for a 16 MiB pack and never read it.  The zero-copy
+    send waits on a full socket buffer; --body-timeout (3 s) of no progress
+    cuts it: no thread or fd is left, nobody got the whole pack, and the
+    server serves on."""
+    srv = start_server("--no-auth", "--body-timeout", "3")
+    srv.create_repo("r")
+    pack = os.urandom(16 << 20)
+    name = object_id(pack)
+    assert srv.upload("r", "data", pack).status == 200
+    time.sleep(0.3)
+    fds0, threads0 = fd_count(srv.pid), server_threads(srv)
+    socks = []
+    for _ in range(10):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((srv.host, srv.port))
+        s.sendall(f"GET /r/data/{name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        socks.append(s)
+    stalled_at = time.monotonic()
+    assert settle(srv, threads0, timeout=10)
+    cut_after = time.monotonic() - stalled_at
+    received = []
+    for s in socks:
+        s.settimeout(10)
+        got = 0
+        try:
+            while True:
+                data = s.recv(1 << 20)
+                if not data:
+                    break
+                got += len(data)
+        except OSError:
+            pass
+        received.append(got)
+        s.close()
+    time.sleep(0.3)
+    fds1, threads1 = fd_count(srv.pid), server_threads(srv)
+    report("stalled_downloads", stalled=len(socks), seconds_until_cut=f"{cut_after:.1f}",
+           most_bytes_received=max(received), leaked_fds=fds1 - fds0,
+           threads_before=threads0, threads_after=threads1)
+    assert cut_after >= 2.5, "cut before the body timeout"
+    assert max(received) < len(pack), "a stalled client should not get the whole pack"
+    assert fds1 == fds0 and threads1 == threads0
+    again = srv.request("GET", f"/r/data/{name}")
+    assert again.status == 200 and again.body == pack
+
+
 # =============================================================================
 # 6. Access control: append-only and private repositories, spellings x methods x races
 # =============================================================================
