@@ -1341,15 +1341,18 @@ class BufferPool:
             self._free.append(buffer)
 
 
-def _read_into(stream, view):
-    """Fill ``view`` from ``stream`` as far as it goes; the byte count (0 at
-    the end).  WSGI input streams need not have ``readinto``."""
+def _readinto_of(stream):
+    """``stream.readinto``, or the same built on ``read`` (WSGI input streams
+    need not have ``readinto``)."""
     readinto = getattr(stream, "readinto", None)
     if readinto is not None:
-        return readinto(view) or 0
-    data = stream.read(len(view))
-    view[:len(data)] = data
-    return len(data)
+        return readinto
+
+    def read_into(view):
+        data = stream.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+    return read_into
 
 
 class BodyReader:
@@ -1357,7 +1360,7 @@ class BodyReader:
     first byte is read (the built-in server sends ``100 Continue`` there)."""
 
     def __init__(self, stream, length, before_read=None):
-        self.stream = stream
+        self._readinto = _readinto_of(stream)
         self.length = length
         self.remaining = length
         self.before_read = before_read
@@ -1365,10 +1368,6 @@ class BodyReader:
     @property
     def consumed(self):
         return self.remaining == 0
-
-    def read(self, size=CHUNK_SIZE):
-        buffer = bytearray(min(size, max(self.remaining, 0)))
-        return bytes(buffer[:self.readinto(buffer)])
 
     def readinto(self, buffer):
         """Read at most ``len(buffer)`` body bytes into it; 0 at the end."""
@@ -1381,7 +1380,7 @@ class BodyReader:
         if len(view) > self.remaining:
             view = view[:self.remaining]
         try:
-            n = _read_into(self.stream, view)
+            n = self._readinto(view)
         except (OSError, ValueError) as exc:
             raise BodyError(f"reading body: {exc}") from None
         if not n:
@@ -1443,17 +1442,13 @@ class _UntilEOFReader:
     length = None
 
     def __init__(self, stream):
-        self.stream = stream
+        self._readinto = _readinto_of(stream)
         self.consumed = False
-
-    def read(self, size=CHUNK_SIZE):
-        buffer = bytearray(size)
-        return bytes(buffer[:self.readinto(buffer)])
 
     def readinto(self, buffer):
         if self.consumed:
             return 0
-        n = _read_into(self.stream, memoryview(buffer))
+        n = self._readinto(memoryview(buffer))
         if not n:
             self.consumed = True
         return n
@@ -1942,10 +1937,6 @@ class ChunkedReader:
             raise BodyError("malformed chunked body")
         return line[:-2]
 
-    def read(self, size=CHUNK_SIZE):
-        buffer = bytearray(size)
-        return bytes(buffer[:self.readinto(buffer)])
-
     def readinto(self, buffer):
         if self.consumed:
             return 0
@@ -2191,11 +2182,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         finally:
             response.close()
         if drain and keep_alive:
+            buffers = self.server.app.buffers
+            buffer = buffers.take()
             try:
-                while body.read(DRAIN_LIMIT):
+                while body.readinto(buffer):
                     pass
             except BodyError:
                 self.close_connection = True
+            finally:
+                buffers.give(buffer)
 
     def _keep_alive(self, request):
         if self.server.stopping:

@@ -61,11 +61,13 @@ class Response:
 class ServerProcess:
     """One pyrestserver process started for a test."""
 
-    def __init__(self, data_dir, args=(), door="builtin", env=None, python=None, script=None):
+    def __init__(self, data_dir, args=(), door="builtin", env=None, python=None, script=None,
+                 python_args=()):
         self.data_dir = Path(data_dir)
         self.args = list(args)
         self.door = door
         self.python = python or sys.executable
+        self.python_args = list(python_args)  # interpreter options before the script
         self.script = script
         self.env = env
         self.proc = None
@@ -86,7 +88,7 @@ class ServerProcess:
             args = ["--path", str(self.data_dir)] + args
         if not any(a == "--listen" or a.startswith("--listen=") for a in args):
             args = args + ["--listen", "127.0.0.1:0"]
-        return [self.python] + entry + args
+        return [self.python] + self.python_args + entry + args
 
     def start(self, timeout=60):
         env = dict(os.environ)
@@ -250,13 +252,16 @@ def data_dir(tmp_path):
 
 @pytest.fixture
 def start_server(tmp_path):
-    """Factory: start_server(*args, door="builtin", data_dir=None, env=None)."""
+    """Factory: start_server(*args, door="builtin", data_dir=None, env=None,
+    python=None, script=None, python_args=())."""
     started = []
 
-    def start(*args, door="builtin", data_dir=None, env=None, python=None, script=None):
+    def start(*args, door="builtin", data_dir=None, env=None, python=None, script=None,
+              python_args=()):
         d = Path(data_dir) if data_dir else tmp_path / "data"
         d.mkdir(parents=True, exist_ok=True)
-        srv = ServerProcess(d, args, door=door, env=env, python=python, script=script)
+        srv = ServerProcess(d, args, door=door, env=env, python=python, script=script,
+                            python_args=python_args)
         started.append(srv)
         return srv.start()
 

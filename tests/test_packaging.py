@@ -1,9 +1,7 @@
 """Packaging: `pip install .` gives a working `pyrestserver` console script, and
 the module runs as a plain script with nothing but the standard library."""
 
-import http.client
 import shutil
-import signal
 import subprocess
 import sys
 import venv
@@ -11,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SERVER_SCRIPT, START_LINE
+from conftest import ROOT, SERVER_SCRIPT
 
 pytestmark = pytest.mark.slow
 
@@ -136,72 +134,39 @@ def test_backend_without_its_extra_names_the_extra(tmp_path):
     assert "Traceback" not in p.stderr
 
 
-def _run_script(tmp_path, interpreter_args):
-    """Start `python <interpreter_args> pyrestserver.py --path ...` and wait
-    for its start line; returns (process, address)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, *interpreter_args, str(SERVER_SCRIPT), "--path", str(data),
-         "--no-auth", "--listen", "127.0.0.1:0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        cwd=tmp_path, text=True)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        m = START_LINE.search(line)
-        if m:
-            return proc, m.group(1)
-    proc.wait(10)
-    pytest.fail("server did not start:\n" + "".join(lines))
-
-
-def _stop(proc):
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
-    proc.stderr.close()
-
 
 def _cmdline(pid):
-    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
 
 
-def test_script_run_continues_as_module_with_same_pid_options_and_arguments(tmp_path):
+def test_script_run_continues_as_module_with_same_pid_options_and_arguments(start_server,
+                                                                             tmp_path):
     """A script's parse tree lives as long as the script runs, so a script run
     re-executes itself (Python 3.10+) as a module run: same PID, same
     interpreter options, same arguments after the script path."""
-    proc, address = _run_script(tmp_path, ["-X", "dev", "-u"])
-    try:
-        argv = [a.decode() for a in _cmdline(proc.pid)]
-        assert argv[0] == sys.executable
-        assert argv[-6:] == [str(SERVER_SCRIPT), "--path", str(tmp_path / "data"), "--no-auth",
-                             "--listen", "127.0.0.1:0"]
-        if sys.version_info >= (3, 10):
-            assert argv[1:4] == ["-X", "dev", "-u"]
-            assert argv[4] == "-c" and "_run_loaded_script" in argv[5]
-        else:  # no sys.orig_argv: runs in place
-            assert argv[1:4] == ["-X", "dev", "-u"] and "-c" not in argv
-        conn = http.client.HTTPConnection(*address.rsplit(":", 1), timeout=30)
-        conn.request("POST", "/?create=true")
-        assert conn.getresponse().status == 200
-        conn.close()
-        assert (tmp_path / "data" / "config").exists() is False  # create makes folders only
-        assert (tmp_path / "data" / "data").is_dir()
-    finally:
-        _stop(proc)
+    srv = start_server("--no-auth", python_args=("-X", "dev", "-u"))
+    argv = _cmdline(srv.pid)
+    assert argv[0] == sys.executable
+    assert argv[-6:] == [str(SERVER_SCRIPT), "--path", str(tmp_path / "data"), "--no-auth",
+                         "--listen", "127.0.0.1:0"]
+    if sys.version_info >= (3, 10):
+        assert argv[1:4] == ["-X", "dev", "-u"]
+        assert argv[4] == "-c" and "_run_loaded_script" in argv[5]
+    else:  # no sys.orig_argv: runs in place
+        assert argv[1:4] == ["-X", "dev", "-u"] and "-c" not in argv
+    assert srv.request("POST", "/?create=true").status == 200
+    assert (tmp_path / "data" / "config").exists() is False  # create makes folders only
+    assert (tmp_path / "data" / "data").is_dir()
+    assert srv.stop() == 0
 
 
-def test_script_run_under_a_profiler_stays_in_place(tmp_path):
+def test_script_run_under_a_profiler_stays_in_place(start_server, tmp_path):
     """Re-executing would escape a debugger or profiler: under `-m cProfile`
     the script runs where it was started."""
-    proc, address = _run_script(tmp_path, ["-m", "cProfile", "-o", str(tmp_path / "prof")])
-    try:
-        argv = [a.decode() for a in _cmdline(proc.pid)]
-        assert "cProfile" in argv and "-c" not in argv
-        conn = http.client.HTTPConnection(*address.rsplit(":", 1), timeout=30)
-        conn.request("GET", "/config")
-        assert conn.getresponse().status == 404
-        conn.close()
-    finally:
-        _stop(proc)
+    srv = start_server("--no-auth",
+                       python_args=("-m", "cProfile", "-o", str(tmp_path / "prof")))
+    argv = _cmdline(srv.pid)
+    assert "cProfile" in argv and "-c" not in argv
+    assert srv.request("GET", "/config").status == 404
+    assert srv.stop() == 0
     assert (tmp_path / "prof").stat().st_size > 0
