@@ -33,6 +33,7 @@ import errno
 import hashlib
 import hmac
 import importlib
+import itertools
 import json
 import os
 import re
@@ -321,6 +322,10 @@ class LocalStorageProvider(StorageProvider):
         self.file_mode = 0o660 if group_accessible else 0o600
         self.log = log or (lambda message: None)
         self._fsync_supported = True
+        # Temp names: a random stem drawn once and a counter, unique within
+        # this process; O_EXCL keeps them apart from any other process.
+        self._temp_stem = secrets.token_hex(8)
+        self._temp_counter = itertools.count()
         self._uploads = set()
         self._uploads_lock = threading.Lock()
         # folder -> (mtime_ns, [(name, size)]): listing `data` stats every
@@ -437,19 +442,20 @@ class LocalStorageProvider(StorageProvider):
 
     def begin_save(self, repo, kind, name, length=None):
         self._check_writable()
-        if not os.path.isdir(self.repo_dir(repo)):
-            raise NotFound("repository does not exist")
         final_path = self.object_path(repo, kind, name)
         folder = os.path.dirname(final_path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         for attempt in range(2):
-            temp_path = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(12))
+            temp_path = os.path.join(
+                folder, f"{TEMP_PREFIX}{self._temp_stem}{next(self._temp_counter):x}")
             try:
                 fd = os.open(temp_path, flags, self.file_mode)
                 break
             except FileNotFoundError:
                 if attempt:
                     raise StorageError("cannot create upload folder") from None
+                if not os.path.isdir(self.repo_dir(repo)):
+                    raise NotFound("repository does not exist") from None
                 # A type or data/xx folder is missing (created by hand, or
                 # removed): create it, as rest-server does.
                 try:
@@ -487,10 +493,16 @@ class LocalStorageProvider(StorageProvider):
             if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
                 return None
             raise storage_error(exc, "delete") from None
-        try:
-            self.fsync_dir(os.path.dirname(path))
-        except OSError as exc:
-            raise storage_error(exc, "delete") from None
+        # A delete is made durable before the 200 where its order matters:
+        # an index, snapshot or key that came back after a crash could point
+        # at packs already gone.  A pack is deleted only once no index names
+        # it, so one that came back is an orphan restic calls non-critical
+        # and the next prune removes; rest-server fsyncs no delete at all.
+        if kind != "data":
+            try:
+                self.fsync_dir(os.path.dirname(path))
+            except OSError as exc:
+                raise storage_error(exc, "delete") from None
         return size
 
     def list(self, repo, kind):
