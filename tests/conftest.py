@@ -39,6 +39,65 @@ def object_id(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def payload(n, tag=b""):
+    """n deterministic pseudo-random bytes (different tags give different bytes)."""
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += hashlib.sha256(tag + i.to_bytes(8, "big")).digest()
+        i += 1
+    return bytes(out[:n])
+
+
+def race(n, fn):
+    """Run fn(i) in n threads released together; return the results in order
+    (an exception a call raised stands in its place, for the caller to check)."""
+    barrier = threading.Barrier(n)
+    results = [None] * n
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def exchange(srv, data, shut_wr=False, timeout=3.0):
+    """Send exact bytes on a fresh connection to `srv` (optionally half-close),
+    read until the server closes or `timeout` s pass in silence.  Returns
+    (everything received, whether the server closed the connection)."""
+    chunks = []
+    closed = False
+    with socket.create_connection((srv.host, srv.port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+            if shut_wr:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:  # the server answered early and closed
+            closed = True
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except OSError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            chunks.append(chunk)
+    return b"".join(chunks), closed
+
+
 def basic_auth(user: str, password: str) -> str:
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return f"Basic {token}"
@@ -241,6 +300,18 @@ def temp_files(root):
 
 
 # -- fixtures -----------------------------------------------------------------
+
+
+@pytest.fixture
+def hide_bcrypt(tmp_path):
+    """Environment in which `import bcrypt` fails in a server process (a
+    PYTHONPATH entry whose bcrypt.py raises ImportError), as on a Pi without
+    the extra."""
+    d = tmp_path / "no-bcrypt"
+    d.mkdir()
+    (d / "bcrypt.py").write_text('raise ImportError("bcrypt is hidden by the test suite")\n')
+    old = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": str(d) + (os.pathsep + old if old else "")}
 
 
 @pytest.fixture

@@ -22,15 +22,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import (IN_CI, TYPES, V2, ServerProcess, basic_auth, make_tree, obj_path,
-                      object_id,
-                      temp_files, tree_digest)
+                      object_id, race, temp_files, tree_digest)
 
 REALM = 'Basic realm="restic"'
 DENIED = (400, 401, 403, 404)
@@ -93,26 +91,6 @@ def comparable(r):
     """A response without its Date: what a client could compare."""
     headers = sorted((k.lower(), v) for k, v in r.headers.items() if k.lower() != "date")
     return r.status, headers, r.body
-
-
-def race(n, fn):
-    """Run fn(i) in n threads released together; return the results in order."""
-    barrier = threading.Barrier(n)
-    results = [None] * n
-
-    def run(i):
-        barrier.wait()
-        try:
-            results[i] = fn(i)
-        except Exception as exc:  # reported by the caller's assertions
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
 
 
 def post_early(srv, path, body):

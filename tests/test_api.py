@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TYPES, V2, basic_auth, object_id, temp_files, tree_digest
+from conftest import TYPES, V2, basic_auth, exchange, object_id, payload, temp_files, tree_digest
 
 V1 = "application/vnd.x.restic.rest.v1"
 ERROR_CONTENT_TYPE = "text/plain; charset=utf-8"
@@ -33,16 +33,6 @@ BAD_PATH = (400, 404)
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def payload(n, tag=b""):
-    """n deterministic pseudo-random bytes (different tags give different bytes)."""
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += hashlib.sha256(tag + i.to_bytes(8, "big")).digest()
-        i += 1
-    return bytes(out[:n])
 
 
 def repo_dir(data_dir, repo):
@@ -99,29 +89,6 @@ def assert_ok_empty(resp):
     """Exactly 200 with an empty body (create, POST, DELETE)."""
     assert resp.status == 200, resp
     assert resp.body == b"", resp
-
-
-def raw_exchange(srv, data, shut_wr=False, timeout=5.0):
-    """Send exact bytes on a fresh connection; read until the server closes
-    (or `timeout` s of silence).  Returns everything received."""
-    chunks = []
-    with socket.create_connection((srv.host, srv.port), timeout=timeout) as s:
-        try:
-            s.sendall(data)
-            if shut_wr:
-                s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        s.settimeout(timeout)
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except (socket.timeout, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def status_of(raw_response):
@@ -386,10 +353,10 @@ class TestConfig:
     def test_truncated_config_upload_does_not_block_a_later_upload(self, server, repo):
         """Content-Length 100 but 5 bytes then close → no config is left behind and a
         later full POST /config succeeds (rest-server leaves a partial file → 403)."""
-        raw_exchange(
+        exchange(
             server,
             b"POST /r/config HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabcde",
-            shut_wr=True,
+            shut_wr=True, timeout=5.0,
         )
         path = server.data_dir / "r" / "config"
         assert wait_for(lambda: not path.exists() and not temp_files(server.data_dir))
@@ -521,7 +488,7 @@ class TestObjects:
         oid = object_id(body)
         req = (f"POST /r/{kind}/{oid} HTTP/1.1\r\nHost: x\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:-10]
-        got = raw_exchange(server, req, shut_wr=True)
+        got, _ = exchange(server, req, shut_wr=True, timeout=5.0)
         assert status_of(got) in (None, 400), got[:200]
         path = object_path(server.data_dir, "r", kind, oid)
         assert wait_for(lambda: not temp_files(server.data_dir))
@@ -1184,8 +1151,8 @@ class TestErrorShape:
     def test_head_error_has_no_body_on_the_wire(self, server, repo):
         """A HEAD 404/405 sends headers only: nothing follows the blank line."""
         for path in ("/r/config", "/r/keys/"):
-            got = raw_exchange(server, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n"
-                                       f"Connection: close\r\n\r\n".encode())
+            got, _ = exchange(server, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n"
+                                      f"Connection: close\r\n\r\n".encode(), timeout=5.0)
             head, sep, rest = got.partition(b"\r\n\r\n")
             assert sep, got
             assert status_of(head) in (404, 405)

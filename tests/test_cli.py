@@ -205,17 +205,6 @@ def need_bcrypt():
     return pytest.importorskip("bcrypt")
 
 
-@pytest.fixture
-def hide_bcrypt(tmp_path):
-    """Environment in which `import bcrypt` fails (a PYTHONPATH entry whose
-    bcrypt.py raises ImportError), as on a Pi without the extra."""
-    d = tmp_path / "no-bcrypt"
-    d.mkdir()
-    (d / "bcrypt.py").write_text('raise ImportError("bcrypt is hidden by the test suite")\n')
-    old = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": str(d) + (os.pathsep + old if old else "")}
-
-
 # Users of the Apache-made file: (name, htpasswd flags, password, kind word `user list` shows)
 APACHE_USERS = [
     ("alice", ["-B", "-C", "5"], "alice-pw", "bcrypt"),
@@ -789,12 +778,14 @@ def help_blocks(text):
     return sections, {k: " ".join(v.split()) for k, v in flags.items()}
 
 
+@pytest.fixture(scope="module")
+def main_help():
+    p = cli("--help")
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
 class TestHelp:
-    @pytest.fixture(scope="class")
-    def main_help(self):
-        p = cli("--help")
-        assert p.returncode == 0, p.stderr
-        return p.stdout
 
     def test_options_are_grouped(self, main_help):
         sections, _ = help_blocks(main_help)

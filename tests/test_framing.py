@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import basic_auth, object_id, temp_files
+from conftest import basic_auth, exchange, object_id, temp_files
 
 SMUGGLED = b"POST /smuggled/?create=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
 HELLO = b"hello world"
@@ -115,33 +115,6 @@ def parse_responses(data, methods=()):
             pos = len(data)
         out.append(resp)
     return out
-
-
-def exchange(srv, data, shut_wr=False, timeout=3.0):
-    """Send exact bytes on a fresh connection, read until the server closes or
-    `timeout` s pass in silence.  Returns (received bytes, closed by server)."""
-    chunks = []
-    closed = False
-    with socket.create_connection((srv.host, srv.port), timeout=timeout) as s:
-        try:
-            s.sendall(data)
-            if shut_wr:
-                s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            closed = True
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            except ConnectionResetError:
-                closed = True
-                break
-            if not chunk:
-                closed = True
-                break
-            chunks.append(chunk)
-    return b"".join(chunks), closed
 
 
 def final_responses(data, methods=()):

@@ -48,8 +48,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pyrestserver
-from conftest import (IN_CI, TYPES, V2, basic_auth, make_tree, obj_path, object_id, temp_files,
-                      tree_digest)
+from conftest import (IN_CI, TYPES, V2, basic_auth, exchange, make_tree, obj_path, object_id,
+                      race, temp_files, tree_digest)
 from faults import (FaultProxy, KeepAlive, ServerClosed, Strace, audit_store, fd_count, figure,
                     free_bytes, mounts_available, parse_strace, raise_nofile, read_only_bind,
                     read_response, request_bytes, rst_close, thread_count, tmpfs, tree_state,
@@ -1249,25 +1249,6 @@ def test_append_only_bypass_matrix(start_server, report, ao_users):
                        auth=("admin", "pw-admin")).status == 200
 
 
-def race(n, fn):
-    barrier = threading.Barrier(n)
-    results = [None] * n
-
-    def run(i):
-        barrier.wait()
-        try:
-            results[i] = fn(i)
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
-
-
 def post_status(srv, method, path, body=b""):
     """A request on its own connection that still reads an early answer."""
     with socket.create_connection((srv.host, srv.port), timeout=30) as s:
@@ -1505,25 +1486,11 @@ def framed(method, target, lines, payload, version="HTTP/1.1", auth=SMUGGLE_AUTH
     return line_end.join(h.encode("latin-1") for h in head) + line_end + line_end + payload
 
 
-def exchange_all(host, port, data, timeout=5.0):
+def response_statuses(srv, data, timeout=5.0):
     """Send `data`, half-close, read until the server closes; return the
     status codes of the responses."""
-    chunks = []
-    with socket.create_connection((host, port), timeout=timeout) as s:
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except (socket.timeout, OSError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return [int(m) for m in re.findall(rb"(?:^|\n)HTTP/1\.[01] (\d{3}) ", b"".join(chunks))]
+    received, _ = exchange(srv, data, shut_wr=True, timeout=timeout)
+    return [int(m) for m in re.findall(rb"(?:^|\n)HTTP/1\.[01] (\d{3}) ", received)]
 
 
 @pytest.mark.slow
@@ -1575,7 +1542,7 @@ def test_request_smuggling_corpus(start_server, report, tmp_path):
 
     def run(item):
         category, number, data = item
-        return category, number, exchange_all(srv.host, srv.port, data)
+        return category, number, response_statuses(srv, data)
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(run, corpus))
@@ -1595,7 +1562,7 @@ def test_request_smuggling_corpus(start_server, report, tmp_path):
     assert five_xx == [], five_xx[:10]
     assert srv.returncode is None and "Traceback" not in srv.stderr
     # the hidden request is real: sent on its own, it runs
-    assert exchange_all(srv.host, srv.port, smuggled(0)) == [200]
+    assert response_statuses(srv, smuggled(0)) == [200]
     assert (srv.data_dir / "smug0").is_dir()
 
 
@@ -1891,7 +1858,7 @@ def test_range_header_with_superscript_digits_is_not_a_server_error(start_server
     path = target("r", "keys", object_id(b"0123456789"))
     statuses = {}
     for value in (b"bytes=\xb2-", b"bytes=0-\xb9", b"bytes=\xb3-4", b"bytes=-\xb2"):
-        got = exchange_all(srv.host, srv.port, request_bytes("GET", path, b"", [
+        got = response_statuses(srv, request_bytes("GET", path, b"", [
             ("Connection", "close")]).replace(b"\r\n\r\n", b"\r\nRange: " + value + b"\r\n\r\n"))
         statuses[value.decode("latin-1")] = got
     assert all(s and s[0] in (200, 206, 416) for s in statuses.values()), statuses
@@ -2018,7 +1985,7 @@ def test_fuzzed_requests_never_5xx_nor_touch_anything_outside_path(start_server,
     @settings(max_examples=1000, **FUZZ_SETTINGS)
     @given(raw_requests(known))
     def one(data):
-        got = exchange_all(srv.host, srv.port, data, timeout=10)
+        got = response_statuses(srv, data, timeout=10)
         seen["requests"] += 1
         seen["responses"] += len(got)
         for s in got:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, SERVER_SCRIPT, TYPES, V2, make_tree, tree_digest
+from conftest import IN_CI, SERVER_SCRIPT, TYPES, V2, make_tree, payload, tree_digest
 
 boto3 = pytest.importorskip("boto3", reason="the S3 backend needs boto3 (pip install '.[s3]')")
 from botocore.config import Config  # noqa: E402
@@ -50,15 +50,6 @@ STORES = ("moto", "rclone")
 
 def oid(body):
     return hashlib.sha256(body).hexdigest()
-
-
-def payload(n, tag=b""):
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += hashlib.sha256(tag + i.to_bytes(8, "big")).digest()
-        i += 1
-    return bytes(out[:n])
 
 
 def object_key(prefix, repo, kind, name):
