@@ -709,6 +709,44 @@ class TestKeepAlive:
         assert_healthy(srv)
 
 
+    @pytest.mark.parametrize("stall", ["idle", "head", "body"])
+    def test_timeouts_hold_for_every_request_of_a_connection(self, start_server, stall):
+        """After a first request is answered on a keep-alive connection, the
+        next one is held to the same limits: silence longer than
+        --idle-timeout, a head still unfinished after --header-timeout, or a
+        body that stops for --body-timeout each end the connection (the body
+        case with nothing stored).  Limits 1 s / 2 s / 2 s here."""
+        srv = start_server("--no-auth", "--idle-timeout", "1", "--header-timeout", "2",
+                           "--body-timeout", "2")
+        srv.create_repo("r")
+        follow_up = {
+            "idle": b"",
+            "head": b"GET /health HTTP/1.1\r\nHost: x\r\n",  # no blank line: unfinished
+            "body": request_head("POST", f"/r/keys/{HELLO_ID}", ["Content-Length: 11"]) + b"hello",
+        }[stall]
+        with socket.create_connection((srv.host, srv.port), timeout=15) as s:
+            s.sendall(request_head("GET", "/health"))
+            first = final_responses(read_until(s, 1), ["GET"])
+            assert [r.status for r in first] == [200]
+            started = time.monotonic()
+            s.sendall(follow_up)
+            received = b""
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+            waited = time.monotonic() - started
+        assert b"200 OK" not in received, received
+        assert 0.8 <= waited <= 8.0, f"{stall}: connection ended after {waited:.2f} s"
+        assert not hello_path(srv).exists()
+        assert temp_files(srv.data_dir) == []
+        assert_healthy(srv)
+
+
 # -- request-target forms and versions ---------------------------------------------------
 
 
