@@ -70,6 +70,20 @@ def race(n, fn):
     return results
 
 
+def read_until_closed(sock):
+    """Everything `sock` receives until the peer closes or resets it (a
+    socket timeout propagates)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
 def exchange(srv, data, shut_wr=False, timeout=3.0):
     """Send exact bytes on a fresh connection to `srv` (optionally half-close),
     read until the server closes or `timeout` s pass in silence.  Returns

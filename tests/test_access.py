@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (IN_CI, TYPES, V2, ServerProcess, basic_auth, make_tree, obj_path,
-                      object_id, race, temp_files, tree_digest)
+                      object_id, race, read_until_closed, temp_files, tree_digest)
 
 REALM = 'Basic realm="restic"'
 DENIED = (400, 401, 403, 404)
@@ -813,15 +813,7 @@ class TestQuota:
             early = select.select([s], [], [], 0)[0]
             if not early:
                 s.sendall(body[30000:])
-            data = b""
-            while True:
-                try:
-                    chunk = s.recv(65536)
-                except ConnectionResetError:
-                    break
-                if not chunk:
-                    break
-                data += chunk
+            data = read_until_closed(s)
             s.close()
             replies.append(int(data.split(b" ", 2)[1]))
         assert sorted(replies) == [200, 200, 200, 507, 507], replies

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import basic_auth, exchange, object_id, temp_files
+from conftest import basic_auth, exchange, object_id, read_until_closed, temp_files
 
 SMUGGLED = b"POST /smuggled/?create=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
 HELLO = b"hello world"
@@ -730,15 +730,7 @@ class TestKeepAlive:
             assert [r.status for r in first] == [200]
             started = time.monotonic()
             s.sendall(follow_up)
-            received = b""
-            while True:
-                try:
-                    chunk = s.recv(65536)
-                except ConnectionResetError:
-                    break
-                if not chunk:
-                    break
-                received += chunk
+            received = read_until_closed(s)
             waited = time.monotonic() - started
         assert b"200 OK" not in received, received
         assert 0.8 <= waited <= 8.0, f"{stall}: connection ended after {waited:.2f} s"
