@@ -33,6 +33,7 @@ import errno
 import hashlib
 import hmac
 import importlib
+import io
 import itertools
 import json
 import os
@@ -43,6 +44,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import sys
 import threading
 import time
@@ -1989,6 +1991,90 @@ class _SocketWriter:
 
     def __init__(self, sock):
         self.write = sock.sendall
+        self.sock = sock
+
+    def sendfile(self, source, start, length):
+        return self.sock.sendfile(source, start, length)
+
+    def close(self):
+        pass
+
+
+# --- plain TCP: timeouts enforced by the kernel ---------------------------------
+#
+# A socket with a Python timeout polls before every recv and send, and each
+# settimeout() is an ioctl: four extra syscalls for a HEAD, each one a chance
+# for another thread to take the GIL.  Plain TCP connections therefore stay
+# blocking: reads time out by SO_RCVTIMEO, set only when the phase's timeout
+# differs from the one in force, at the moment the socket is read (a request
+# already in the buffer costs none); writes try once without waiting and fall
+# back to a Python-timed sendall, whose deadline covers the whole write.  TLS
+# sockets keep Python timeouts: ssl retries a blocking read that timed out.
+
+def _timeval(seconds):
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
+def _kernel_timeouts_work():
+    """Whether SO_RCVTIMEO takes a C timeval of two longs here."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            value = _timeval(1.5)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            return probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, len(value)) == value
+    except (OSError, AttributeError, struct.error):
+        return False
+
+
+class _KernelTimedReader(io.RawIOBase):
+    """Raw reads of a blocking socket under SO_RCVTIMEO; ``timeout`` is the
+    one wanted now, applied lazily before the next real read."""
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.timeout = timeout
+        self.applied = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.timeout != self.applied:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
+            self.applied = self.timeout
+        try:
+            return self.sock.recv_into(buffer)
+        except BlockingIOError:  # EAGAIN: SO_RCVTIMEO ran out
+            raise socket.timeout("timed out") from None
+
+
+class _KernelTimedWriter:
+    """Writes to a blocking socket: one non-waiting send, which takes a
+    response head or a small body whole; the rest, and sendfile, under the
+    body timeout as a Python socket timeout (a deadline for the whole write)."""
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.timeout = timeout
+
+    def write(self, data):
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self._timed(self.sock.sendall, memoryview(data)[sent:])
+
+    def sendfile(self, source, start, length):
+        return self._timed(self.sock.sendfile, source, start, length)
+
+    def _timed(self, send, *args):
+        self.sock.settimeout(self.timeout)
+        try:
+            return send(*args)
+        finally:
+            self.sock.settimeout(None)
 
     def close(self):
         pass
@@ -2025,9 +2111,17 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.request = sock
         self.use_sendfile = context is None
         self.connection = sock
-        self.timeout_set = sock.gettimeout()
-        self.rfile = sock.makefile("rb", self.rbufsize)
-        self.wfile = _SocketWriter(sock)
+        if context is None and server.kernel_timeouts:
+            if sock.gettimeout() is not None:
+                sock.settimeout(None)
+            self.reader = _KernelTimedReader(sock, server.timeouts["header"])
+            self.rfile = io.BufferedReader(self.reader, self.rbufsize)
+            self.wfile = _KernelTimedWriter(sock, server.timeouts["body"])
+        else:
+            self.reader = None
+            self.timeout_set = sock.gettimeout()
+            self.rfile = sock.makefile("rb", self.rbufsize)
+            self.wfile = _SocketWriter(sock)
 
     def _tls_handshake(self, sock, context):
         """In this connection's own thread, bounded by a timeout: a client
@@ -2105,8 +2199,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.requests_served += 1
 
     def set_timeout(self, seconds):
+        if self.reader is not None:
+            self.reader.timeout = seconds
         # socket.settimeout() costs a syscall even when nothing changes.
-        if seconds != self.timeout_set:
+        elif seconds != self.timeout_set:
             self.connection.settimeout(seconds)
             self.timeout_set = seconds
 
@@ -2251,7 +2347,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.wfile.write(head)
         source = response.reader.sendfile_source() if self.use_sendfile else None
         if source is not None and response.length:
-            sent = self.connection.sendfile(source, response.start, response.length)
+            sent = self.wfile.sendfile(source, response.start, response.length)
             if sent != response.length:
                 raise ConnectionAbortedError("object shrank while being sent")
             return
@@ -2294,6 +2390,7 @@ class ResticServer(ThreadingHTTPServer):
         self.connections = set()
         self._connections_lock = threading.Lock()
         self._date = (0, "")
+        self.kernel_timeouts = tls_context is None and _kernel_timeouts_work()
         threading.Thread(target=self._enforce_head_deadlines, name="head-deadlines",
                          daemon=True).start()
 
@@ -2392,6 +2489,7 @@ class ResticServer(ThreadingHTTPServer):
             time.sleep(0.05)
 
 
+MAX_TIMEOUT = 86400.0 * 365  # beyond this a timeout is a typo (and overflows a timeval)
 DEFAULT_TIMEOUTS = {
     "header": 30.0,   # to receive a request head (and TLS handshake)
     "body": 120.0,    # of silence while reading a request body
@@ -2665,6 +2763,13 @@ def parse_args(argv):
     if args.tls_min_ver not in ("1.2", "1.3"):
         raise ConfigError(f"Unsupported TLS min version: {args.tls_min_ver}. "
                           "Allowed versions are 1.2 or 1.3")
+    for flag in ("header_timeout", "body_timeout", "idle_timeout", "shutdown_timeout"):
+        value = getattr(args, flag)
+        if not 0 < value <= MAX_TIMEOUT and not (flag == "shutdown_timeout" and value == 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a number of seconds "
+                              f"above 0 and at most {MAX_TIMEOUT:.0f}, not {value:g}")
+    if args.max_connections < 1:
+        raise ConfigError(f"--max-connections must be at least 1, not {args.max_connections}")
     args.append_only_exempt = [u.strip() for item in args.append_only_exempt
                                for u in item.split(",") if u.strip()]
     return args

@@ -739,6 +739,61 @@ class TestKeepAlive:
         assert_healthy(srv)
 
 
+class TestTimeoutStrategies:
+    """Plain TCP connections are blocking sockets whose read timeout the kernel
+    enforces (SO_RCVTIMEO, changed only when the phase's timeout differs);
+    where that is not available they fall back to Python socket timeouts.
+    Both must behave the same; in-process here, to choose the strategy."""
+
+    @pytest.fixture(params=[True, False], ids=["kernel", "python"])
+    def inproc(self, request, tmp_path):
+        import threading
+
+        import pyrestserver
+        app = pyrestserver.ResticRESTApp(pyrestserver.LocalStorageProvider(str(tmp_path)),
+                                         auth=pyrestserver.Authenticator(enabled=False))
+        sock, _ = pyrestserver.listen_socket("127.0.0.1:0")
+        server = pyrestserver.ResticServer(
+            sock, app, timeouts={"idle": 1.0, "header": 2.0, "body": 2.0})
+        if request.param:
+            assert server.kernel_timeouts, "Linux takes SO_RCVTIMEO as a timeval"
+        server.kernel_timeouts = request.param
+        thread = threading.Thread(target=server.serve_forever,
+                                  kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        yield server, sock.getsockname()[1], tmp_path
+        server.stop(grace=1.0)
+        thread.join(5)
+
+    def test_keep_alive_requests_then_the_idle_timeout(self, inproc):
+        server, port, data = inproc
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(request_head("POST", "/r/?create=true", ["Content-Length: 0"]))
+            s.sendall(request_head("POST", f"/r/keys/{HELLO_ID}", ["Content-Length: 11"]) + HELLO)
+            s.sendall(request_head("GET", f"/r/keys/{HELLO_ID}"))
+            got = final_responses(read_until(s, 3), ["POST", "POST", "GET"])
+            assert [r.status for r in got] == [200, 200, 200], got
+            assert got[2].body == HELLO
+            started = time.monotonic()
+            assert read_until_closed(s) == b""
+            waited = time.monotonic() - started
+        assert 0.8 <= waited <= 5.0, f"idle connection ended after {waited:.2f} s"
+
+    def test_a_stalled_body_is_cut_by_the_body_timeout(self, inproc):
+        server, port, data = inproc
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(request_head("POST", "/r/?create=true", ["Content-Length: 0"]))
+            assert [r.status for r in final_responses(read_until(s, 1), ["POST"])] == [200]
+            s.sendall(request_head("POST", f"/r/keys/{HELLO_ID}", ["Content-Length: 11"]) + b"hel")
+            started = time.monotonic()
+            received = read_until_closed(s)
+            waited = time.monotonic() - started
+        assert b"200 OK" not in received, received
+        assert 1.5 <= waited <= 6.0, f"stalled body cut after {waited:.2f} s"
+        assert not (data / "r" / "keys" / HELLO_ID).exists()
+        assert temp_files(data) == []
+
+
 # -- request-target forms and versions ---------------------------------------------------
 
 

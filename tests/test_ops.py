@@ -616,6 +616,22 @@ def module_version():
     return m.group(1)
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("--idle-timeout", "0"), ("--header-timeout", "-1"), ("--body-timeout", "nan"),
+    ("--body-timeout", "1e30"), ("--shutdown-timeout", "-5"), ("--max-connections", "0")])
+def test_limits_out_of_range_are_refused_at_startup(tmp_path, flag, value):
+    """A timeout must be above 0 (a zero one would make every socket
+    non-blocking, a negative one failed each connection silently) and below a
+    year; --shutdown-timeout may be 0; --max-connections at least 1."""
+    p = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--path", str(tmp_path / "d"),
+                        "--no-auth", "--listen", "127.0.0.1:0", flag, value],
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} must be"), p.stderr
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("flag", ["--version", "-v"])
 def test_version(tmp_path, flag):
     p = subprocess.run([sys.executable, str(SERVER_SCRIPT), flag], capture_output=True,

@@ -1040,15 +1040,18 @@ def test_stalled_uploads_are_cut_by_the_body_timeout(start_server, report):
 
 
 
-def test_downloads_to_clients_that_stop_reading_are_cut_by_the_body_timeout(start_server,
-                                                                             report):
-    """F8: 10 clients ask for a 16 MiB pack and never read it.  The zero-copy
+@pytest.mark.parametrize("size, pipelined", [(16 << 20, 1), (60 << 10, 300)],
+                         ids=["16 MiB pack (sendfile)", "300 pipelined 60 KiB answers"])
+def test_downloads_to_clients_that_stop_reading_are_cut_by_the_body_timeout(
+        start_server, report, size, pipelined):
+    """F8: 10 clients ask for a 16 MiB pack, or pipeline 300 requests for a
+    60 KiB object (each answer one write with its head), and never read.  The
     send waits on a full socket buffer; --body-timeout (3 s) of no progress
-    cuts it: no thread or fd is left, nobody got the whole pack, and the
-    server serves on."""
+    cuts it: no thread or fd is left, nobody got everything, and the server
+    serves on."""
     srv = start_server("--no-auth", "--body-timeout", "3")
     srv.create_repo("r")
-    pack = os.urandom(16 << 20)
+    pack = os.urandom(size)
     name = object_id(pack)
     assert srv.upload("r", "data", pack).status == 200
     time.sleep(0.3)
@@ -1058,7 +1061,7 @@ def test_downloads_to_clients_that_stop_reading_are_cut_by_the_body_timeout(star
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect((srv.host, srv.port))
-        s.sendall(f"GET /r/data/{name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.sendall(f"GET /r/data/{name} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * pipelined)
         socks.append(s)
     stalled_at = time.monotonic()
     assert settle(srv, threads0, timeout=10)
@@ -1079,11 +1082,11 @@ def test_downloads_to_clients_that_stop_reading_are_cut_by_the_body_timeout(star
         s.close()
     time.sleep(0.3)
     fds1, threads1 = fd_count(srv.pid), server_threads(srv)
-    report("stalled_downloads", stalled=len(socks), seconds_until_cut=f"{cut_after:.1f}",
-           most_bytes_received=max(received), leaked_fds=fds1 - fds0,
-           threads_before=threads0, threads_after=threads1)
+    report("stalled_downloads", size=size, pipelined=pipelined, stalled=len(socks),
+           seconds_until_cut=f"{cut_after:.1f}", most_bytes_received=max(received),
+           leaked_fds=fds1 - fds0, threads_before=threads0, threads_after=threads1)
     assert cut_after >= 2.5, "cut before the body timeout"
-    assert max(received) < len(pack), "a stalled client should not get the whole pack"
+    assert max(received) < len(pack) * pipelined, "a stalled client should not get it all"
     assert fds1 == fds0 and threads1 == threads0
     again = srv.request("GET", f"/r/data/{name}")
     assert again.status == 200 and again.body == pack
