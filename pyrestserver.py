@@ -2019,9 +2019,9 @@ def _timeval(seconds):
 def _kernel_timeouts_work():
     """Whether SO_RCVTIMEO takes a C timeval of two longs here (and sends
     can be made non-waiting)."""
+    if not hasattr(socket, "MSG_DONTWAIT"):
+        return False
     try:
-        if not hasattr(socket, "MSG_DONTWAIT"):
-            return False
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             value = _timeval(1.5)
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)

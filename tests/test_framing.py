@@ -16,9 +16,12 @@ the connection is closed; nothing is stored; the server stays up.
 import hashlib
 import re
 import socket
+import threading
 import time
 
 import pytest
+
+import pyrestserver
 
 from conftest import basic_auth, exchange, object_id, read_until_closed, temp_files
 
@@ -747,9 +750,6 @@ class TestTimeoutStrategies:
 
     @pytest.fixture(params=[True, False], ids=["kernel", "python"])
     def inproc(self, request, tmp_path):
-        import threading
-
-        import pyrestserver
         app = pyrestserver.ResticRESTApp(pyrestserver.LocalStorageProvider(str(tmp_path)),
                                          auth=pyrestserver.Authenticator(enabled=False))
         sock, _ = pyrestserver.listen_socket("127.0.0.1:0")
