@@ -319,6 +319,7 @@ class LocalStorageProvider(StorageProvider):
 
     def __init__(self, base_path, readonly=False, group_accessible=False, log=None):
         self.base = os.path.abspath(base_path)
+        self._root = self.base.rstrip("/") + "/"
         self.readonly = readonly
         self.dir_mode = 0o770 if group_accessible else 0o700
         self.file_mode = 0o660 if group_accessible else 0o600
@@ -341,11 +342,13 @@ class LocalStorageProvider(StorageProvider):
         return os.path.join(self.base, *repo)
 
     def object_path(self, repo, kind, name):
+        # os.path.join, spelled out: the segments are checked names.
+        where = self._root + "".join([segment + "/" for segment in repo])
         if kind == "config":
-            return os.path.join(self.base, *repo, "config")
+            return where + "config"
         if kind == "data":
-            return os.path.join(self.base, *repo, "data", name[:2], name)
-        return os.path.join(self.base, *repo, kind, name)
+            return f"{where}data/{name[:2]}/{name}"
+        return f"{where}{kind}/{name}"
 
     # -- durability helpers --------------------------------------------------
     def fsync(self, fd):
@@ -543,7 +546,7 @@ class LocalStorageProvider(StorageProvider):
 
     def _forget_listing(self, path, is_folder=False):
         with self._listings_lock:
-            old = self._listings.pop(path if is_folder else os.path.dirname(path), None)
+            old = self._listings.pop(path if is_folder else path[:path.rindex("/")], None)
             if old is not None:
                 self._listed_entries -= len(old[1])
 
@@ -1523,6 +1526,11 @@ class Route:
 
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f\\/]")
+# What restic sends for an object, in names that need no decoding or checks
+# beyond this pattern (and not being reserved): parse_route's quick answer.
+_PLAIN_OBJECT_TARGET = re.compile(
+    r"/((?:[0-9A-Za-z_\-][0-9A-Za-z_.\-]{0,254}/){0,%d})(data|index|keys|locks|snapshots)"
+    r"/([0-9a-f]{64})\Z" % MAX_REPO_DEPTH)
 
 
 def parse_route(target):
@@ -1533,6 +1541,11 @@ def parse_route(target):
     after decoding, or is not valid UTF-8 is refused.  The first up to two
     segments that are not reserved names form the repository.
     """
+    plain = _PLAIN_OBJECT_TARGET.match(target)
+    if plain is not None:
+        repo = tuple(plain.group(1).split("/")[:-1])
+        if RESERVED_NAMES.isdisjoint(repo):
+            return Route(repo, plain.group(2), plain.group(3), "")
     if not target.startswith("/"):
         raise HTTPError(400, "request target must be a path")
     path, _, query = target.partition("?")
@@ -1923,8 +1936,14 @@ MAX_HEADERS = 100
 DRAIN_LIMIT = 64 * 1024  # unread body we swallow to keep a connection; more: close
 SMALL_BODY = 64 * 1024  # bodies up to this size are sent with the head in one write
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) (HTTP/1\.[01])\r\n\Z")
+_REQUEST_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) (HTTP/1\.[01])\r\n\Z")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# A whole header block that the line-by-line rules would accept as it is:
+# token, colon, a value without control characters, CRLF; then the blank line.
+_VALID_HEADERS = re.compile(
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)"
+    + b"{0,%d}\r\n" % MAX_HEADERS)
+_STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
 _DIGITS = re.compile(r"[0-9]{1,18}\Z")
 
 
@@ -1932,6 +1951,19 @@ class HeadError(Exception):
     def __init__(self, status, detail):
         super().__init__(detail)
         self.status = status
+
+
+def _add_header(headers, key, value):
+    """Repeated headers join with commas; a second Content-Length or Host
+    must repeat the first exactly (two lengths would split the stream)."""
+    old = headers.get(key)
+    if old is None:
+        headers[key] = value
+    elif key in ("content-length", "host"):
+        if old != value:
+            raise HeadError(400, f"conflicting {key} headers")
+    else:
+        headers[key] = old + ", " + value
 
 
 class ChunkedReader:
@@ -2212,12 +2244,45 @@ class RequestHandler(BaseHTTPRequestHandler):
     def read_head(self, line):
         if len(line) > MAX_REQUEST_LINE:
             raise HeadError(414, "request line too long")
-        match = _REQUEST_LINE.match(line)
+        text = line.decode("latin-1")  # the pattern admits ASCII only
+        match = _REQUEST_LINE.match(text)
         if match is None:
             raise HeadError(400, "malformed request line")
-        method, target, version = (part.decode("ascii") for part in match.groups())
+        method, target, version = match.groups()
         self.command, self.path, self.request_version = method, target, version
-        self.requestline = line[:-2].decode("ascii")
+        self.requestline = text[:-2]
+        headers = self.buffered_headers()
+        if headers is None:
+            headers = self.read_headers()
+        if version == "HTTP/1.1" and "host" not in headers:
+            raise HeadError(400, "missing Host header")
+        body = self.body_reader(headers, version)
+        return Request(method, target, headers, body, self.client_host(), version, self.tls_user)
+
+    def buffered_headers(self):
+        """The headers, if the whole block is already buffered and valid
+        (nearly every request): one pattern match instead of a loop of reads
+        and checks per line.  None leaves the bytes to ``read_headers``, which
+        also finds the exact fault in a block that is not valid."""
+        rfile = self.rfile
+        waiting = rfile.peek(1)
+        if waiting.startswith(b"\r\n"):
+            size = 2
+        else:
+            size = waiting.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES) + 4
+            if size < 4:
+                return None
+        if _VALID_HEADERS.fullmatch(waiting, 0, size) is None:
+            return None
+        headers = {}
+        if size > 2:
+            for line in waiting[:size - 4].decode("latin-1").split("\r\n"):
+                name, _, value = line.partition(":")
+                _add_header(headers, name.lower(), value.strip(" \t"))
+        rfile.read(size)
+        return headers
+
+    def read_headers(self):
         headers = {}
         total = 0
         for _ in range(MAX_HEADERS + 1):
@@ -2235,22 +2300,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             value = value.strip(b" \t")
             if _BAD_VALUE.search(value):
                 raise HeadError(400, "control character in header")
-            key = name.decode("ascii").lower()
-            text = value.decode("latin-1")
-            if key in headers:
-                if key in ("content-length", "host"):
-                    if headers[key] != text:
-                        raise HeadError(400, f"conflicting {key} headers")
-                    continue
-                headers[key] = headers[key] + ", " + text
-            else:
-                headers[key] = text
+            _add_header(headers, name.decode("ascii").lower(), value.decode("latin-1"))
         else:
             raise HeadError(431, "too many headers")
-        if version == "HTTP/1.1" and "host" not in headers:
-            raise HeadError(400, "missing Host header")
-        body = self.body_reader(headers, version)
-        return Request(method, target, headers, body, self.client_host(), version, self.tls_user)
+        return headers
 
     def body_reader(self, headers, version):
         te = headers.get("transfer-encoding")
@@ -2325,7 +2378,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def send(self, request, response):
         status = response.status
-        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"]
+        lines = [_STATUS_LINES[status]]
         for key, value in response.headers:
             lines.append(f"{key}: {value}\r\n")
         lines.append(f"Content-Length: {response.length}\r\n")

@@ -382,6 +382,36 @@ class TestHeaderBlock:
         assert not hello_path(srv).exists()
         assert_healthy(srv)
 
+    @pytest.mark.parametrize("cut", [None, b"HTTP/1.1\r\n", b"X-Pad", b"close\r\n"],
+                             ids=["whole", "after-request-line", "inside-a-header",
+                                  "before-the-blank-line"])
+    def test_a_head_means_the_same_however_it_arrives(self, srv, cut):
+        """Repeated headers join with commas (two Connection headers make
+        `keep-alive, close`), values lose the blanks around them, an equal second
+        Content-Length is one length, a different second Host is a 400: all the
+        same whether the head comes in one piece or in two."""
+        def send_in_two(head):
+            at = len(head) if cut is None else head.index(cut) + len(cut)
+            with socket.create_connection((srv.host, srv.port), timeout=5) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(head[:at])
+                time.sleep(0.1)
+                sock.sendall(head[at:])
+                return final_responses(read_until_closed(sock))
+
+        upload = (f"POST /r/keys/{HELLO_ID} HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n"
+                  "X-Pad: \t spaced \t\r\nContent-Length: 11\r\nConnection: keep-alive\r\n"
+                  "Connection: close\r\n\r\n").encode() + HELLO
+        responses = send_in_two(upload)
+        assert [r.status for r in responses] == [200], responses
+        assert responses[0].header("connection") == "close"
+        assert hello_path(srv).read_bytes() == HELLO
+
+        two_hosts = (b"GET /r/config HTTP/1.1\r\nHost: x\r\nX-Pad: a\r\nHost: y\r\n"
+                     b"Connection: close\r\n\r\n")
+        assert [r.status for r in send_in_two(two_hosts)] == [400]
+        assert_healthy(srv)
+
     def test_oversized_header_is_431_or_400(self, srv):
         """One 70 KiB header → 431 or 400, never processed."""
         req = request_head("POST", "/big/?create=true", ["X-Big: " + "a" * 70_000])
