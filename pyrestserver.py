@@ -1935,14 +1935,16 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
 DRAIN_LIMIT = 64 * 1024  # unread body we swallow to keep a connection; more: close
 SMALL_BODY = 64 * 1024  # bodies up to this size are sent with the head in one write
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_REQUEST_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) (HTTP/1\.[01])\r\n\Z")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_CONTROL = rb"\x00-\x08\x0a-\x1f\x7f"  # all but tab
+_TOKEN = re.compile(_TOKEN_CHARS + rb"+\Z")
+_REQUEST_LINE = re.compile(
+    "(" + _TOKEN_CHARS.decode() + r"+) ([\x21-\x7e]+) (HTTP/1\.[01])\r\n\Z")
+_BAD_VALUE = re.compile(b"[" + _CONTROL + b"]")
 # A whole header block that the line-by-line rules would accept as it is:
 # token, colon, a value without control characters, CRLF; then the blank line.
 _VALID_HEADERS = re.compile(
-    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)"
-    + b"{0,%d}\r\n" % MAX_HEADERS)
+    b"(?:" + _TOKEN_CHARS + b"+:[^" + _CONTROL + b"]*\r\n)" + b"{0,%d}\r\n" % MAX_HEADERS)
 _STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
 _DIGITS = re.compile(r"[0-9]{1,18}\Z")
 
