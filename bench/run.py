@@ -26,6 +26,7 @@ mismatch, check errors, a wrong HTTP answer).  Standard library only.
 import argparse
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -152,6 +153,49 @@ class Primer:
         finally:
             os.close(fd)
             os.unlink(path)
+
+
+class Trash:
+    """Put aside, instead of deleting, the trees the harness is done with.
+
+    ext4 without a journal (the test machine's disk) hands out no inode that
+    was freed in the last 60 s (6 min while its inode-table block is dirty):
+    every allocation skips each such inode and looks it up.  Deleting a run's
+    folders (20,000 restored files, 5,000 small objects) right before the next
+    server starts made that server's new inodes cost several times their
+    usual price, most visibly the 262 folders of pyrestserver's `init`, which
+    no server sees in service.  So a tree is renamed into the trash and its
+    larger files are emptied (that returns their space now; the inodes stay),
+    and the trash is deleted at the end."""
+
+    KEEP_BELOW = 64 * 1024
+
+    def __init__(self, folder, enabled=True):
+        self.folder = Path(folder) if folder else None
+        self.enabled = enabled
+        self._count = itertools.count()
+
+    def discard(self, path):
+        path = Path(path)
+        if not path.exists():
+            return
+        if not self.enabled:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        self.folder.mkdir(exist_ok=True)
+        dest = self.folder / str(next(self._count))
+        os.rename(path, dest)
+        for dirpath, _dirs, files in os.walk(dest):
+            for name in files:
+                file = os.path.join(dirpath, name)
+                try:
+                    if os.lstat(file).st_size >= self.KEEP_BELOW:
+                        os.truncate(file, 0)
+                except OSError:
+                    pass
+
+
+DELETE_AT_ONCE = Trash(None, enabled=False)
 
 
 class Meter:
@@ -558,9 +602,10 @@ PACK_PHASES = ("init", "backup 1", "restore")
 
 
 def restic_workload(server, restic_bin, dataset, work, pack_size=None, counter=None,
-                    phases=PHASES, prime=None):
+                    phases=PHASES, prime=None, discard=shutil.rmtree):
     """Run the restic phases against a started server; {phase: measurements}.
-    `phases` may leave some out (not init, backup 1 or a restore's backup)."""
+    `phases` may leave some out (not init, backup 1 or a restore's backup);
+    `discard` disposes of the restored tree once it is verified."""
     work = Path(work)
     url = f"rest:http://{server.address}/{REPO}/"
     restic = Restic(restic_bin, url, work / "restic", pack_size)
@@ -602,7 +647,7 @@ def restic_workload(server, restic_bin, dataset, work, pack_size=None, counter=N
                                f"extra {extra}, different {differ}")
         m["restore_verified"] = True
         ok["restore_verified"] = True
-        shutil.rmtree(target)
+        discard(target)
 
     def verify_check(p, m):
         if "no errors were found" not in p.stdout:
@@ -1261,7 +1306,7 @@ def make_server(kind, data, args, tmp, rclone_bin, extra=()):
 
 
 def one_workload(kind, args, tmp, rclone_bin, dataset, label, pack_size=None, count=False,
-                 phases=PHASES):
+                 phases=PHASES, trash=DELETE_AT_ONCE):
     work = tmp / f"run-{label}-{kind}"
     data = work / "data"
     data.mkdir(parents=True)
@@ -1271,16 +1316,17 @@ def one_workload(kind, args, tmp, rclone_bin, dataset, label, pack_size=None, co
         idle = status_kib(srv.pid, "VmRSS")
         counter = MetricsCounter(srv) if count else None
         res = restic_workload(srv, args.restic, dataset, work, pack_size, counter, phases,
-                              prime=None if count else Primer(tmp, not args.no_prime))
+                              prime=None if count else Primer(tmp, not args.no_prime),
+                              discard=trash.discard)
         res["_idle_kib"] = idle
         res["_pid"] = srv.pid
     finally:
         srv.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        trash.discard(work)
     return res
 
 
-def one_micro(kind, args, tmp, rclone_bin, cfg, label):
+def one_micro(kind, args, tmp, rclone_bin, cfg, label, trash=DELETE_AT_ONCE):
     work = tmp / f"micro-{label}-{kind}"
     data = work / "data"
     data.mkdir(parents=True)
@@ -1290,7 +1336,7 @@ def one_micro(kind, args, tmp, rclone_bin, cfg, label):
         res["_pid"] = srv.pid
     finally:
         srv.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        trash.discard(work)
     return res
 
 
@@ -1307,6 +1353,9 @@ def parse_args(argv):
     p.add_argument("--no-prime", action="store_true",
                    help="do not recycle page-cache memory before the phases that write "
                         "(see Primer in the source)")
+    p.add_argument("--delete-between-runs", action="store_true",
+                   help="delete each run's folders as soon as it ends, instead of "
+                        "emptying them and deleting them at the end (see Trash in the source)")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for pyrestserver (default: this one)")
     p.add_argument("--pyrestserver-arg", action="append", default=[], metavar="ARG",
@@ -1370,9 +1419,11 @@ def main(argv=None):
         "runs": args.runs,
         "connections": CONNECTIONS,
         "prime": not args.no_prime,
+        "deferred_deletes": not args.delete_between_runs,
         "loadavg_start": os.getloadavg()[0],
     }
     result = {"env": env_info, "complete": False, "failure": None}
+    trash = Trash(tmp / "trash", enabled=not args.delete_between_runs)
     code = 0
     try:
         log(f"temp folder {tmp}; rclone {env_info['rclone']} ({args.rclone}); "
@@ -1392,14 +1443,15 @@ def main(argv=None):
                                  "big_mib": cfg["big"], "small_files": cfg["files"]}
             log("counting pass (pyrestserver with --prometheus, not measured)")
             count_run = one_workload("pyrestserver", args, tmp, rclone_bin=args.rclone,
-                                     dataset=dataset, label="count", count=True)
+                                     dataset=dataset, label="count", count=True, trash=trash)
             counts = {ph: {"requests": count_run[ph]["requests"],
                            "bytes": count_run[ph]["bytes"]} for ph in PHASES}
             result["restic_counts"] = counts
             for i in range(args.runs):
                 for kind in SERVERS:
                     log(f"restic workload run {i + 1}/{args.runs}: {kind}")
-                    res = one_workload(kind, args, tmp, args.rclone, dataset, f"{i}")
+                    res = one_workload(kind, args, tmp, args.rclone, dataset, f"{i}",
+                                       trash=trash)
                     workloads[kind].append(res)
                     log("  " + ", ".join(f"{ph} {res[ph]['wall']:.1f}s" for ph in PHASES))
             if args.scale == "tiny":  # the whole dataset fits in one default pack
@@ -1408,7 +1460,7 @@ def main(argv=None):
                 for kind in SERVERS:
                     log(f"restic workload with --pack-size 128: {kind}")
                     res = one_workload(kind, args, tmp, args.rclone, dataset, "pack128",
-                                       pack_size=128, phases=PACK_PHASES)
+                                       pack_size=128, phases=PACK_PHASES, trash=trash)
                     packsize_runs[kind] = res
             result["restic_runs"] = workloads
             result["packsize_runs"] = packsize_runs
@@ -1416,7 +1468,7 @@ def main(argv=None):
             for i in range(args.runs):
                 for kind in SERVERS:
                     log(f"micro benchmark run {i + 1}/{args.runs}: {kind}")
-                    res = one_micro(kind, args, tmp, args.rclone, cfg, f"{i}")
+                    res = one_micro(kind, args, tmp, args.rclone, cfg, f"{i}", trash=trash)
                     micro_runs[kind].append(res)
                     log("  " + ", ".join(f"{op} {res[op]['wall']:.2f}s" for op in MICRO_OPS))
             result["micro_runs"] = micro_runs

@@ -115,3 +115,35 @@ def test_tiny_run_produces_a_complete_verified_table(tmp_path):
     for pid in pids:
         assert not process_is(pid, ("pyrestserver", "rclone")), pid
     assert os.listdir(work) == []
+
+
+def test_trash_keeps_inodes_until_the_end_but_gives_space_back_now(tmp_path):
+    bench = load_harness()
+    run = tmp_path / "run-0"
+    (run / "data" / "ab").mkdir(parents=True)
+    big = run / "data" / "ab" / "pack"
+    big.write_bytes(b"p" * (bench.Trash.KEEP_BELOW + 1))
+    small = run / "config"
+    small.write_bytes(b"c" * 100)
+    trash = bench.Trash(tmp_path / "trash")
+
+    trash.discard(run)
+    trash.discard(tmp_path / "never-made")  # nothing there: nothing to do
+
+    assert not run.exists()
+    kept = tmp_path / "trash" / "0"
+    assert (kept / "data" / "ab" / "pack").stat().st_size == 0
+    assert (kept / "config").read_bytes() == b"c" * 100
+    assert sorted(os.listdir(tmp_path / "trash")) == ["0"]
+
+
+def test_trash_disabled_deletes_at_once(tmp_path):
+    bench = load_harness()
+    run = tmp_path / "run-0"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "x").write_bytes(b"x")
+
+    bench.Trash(tmp_path / "trash", enabled=False).discard(run)
+
+    assert not run.exists()
+    assert not (tmp_path / "trash").exists()
