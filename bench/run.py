@@ -198,6 +198,35 @@ class Trash:
 DELETE_AT_ONCE = Trash(None, enabled=False)
 
 
+def dirty_kib():
+    """The page cache's dirty data, in KiB (/proc/meminfo), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Dirty:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def dirty_note(res):
+    kib = res.get("_dirty_kib_before")
+    return "" if kib is None else f" ({kib / 1024:.0f} MiB dirty written back before it)"
+
+
+def settle():
+    """Write back all dirty data before a run starts; returns how much there was (KiB).
+
+    What a run leaves in the page cache (the small files of its restored tree,
+    or the repository of a server that does not fsync) would otherwise be
+    written back about 30 s later (vm.dirty_expire_centisecs), in the middle
+    of the next run, by kernel threads that take CPU from that run's restic."""
+    before = dirty_kib()
+    os.sync()
+    return before
+
+
 class Meter:
     """Wall time, server CPU and peak RSS of one phase."""
 
@@ -1311,6 +1340,7 @@ def one_workload(kind, args, tmp, rclone_bin, dataset, label, pack_size=None, co
     data = work / "data"
     data.mkdir(parents=True)
     extra = ["--prometheus", "--prometheus-no-auth"] if count else []
+    dirty = settle()
     srv = make_server(kind, data, args, tmp, rclone_bin, extra).start()
     try:
         idle = status_kib(srv.pid, "VmRSS")
@@ -1319,6 +1349,7 @@ def one_workload(kind, args, tmp, rclone_bin, dataset, label, pack_size=None, co
                               prime=None if count else Primer(tmp, not args.no_prime),
                               discard=trash.discard)
         res["_idle_kib"] = idle
+        res["_dirty_kib_before"] = dirty
         res["_pid"] = srv.pid
     finally:
         srv.stop()
@@ -1330,9 +1361,11 @@ def one_micro(kind, args, tmp, rclone_bin, cfg, label, trash=DELETE_AT_ONCE):
     work = tmp / f"micro-{label}-{kind}"
     data = work / "data"
     data.mkdir(parents=True)
+    dirty = settle()
     srv = make_server(kind, data, args, tmp, rclone_bin).start()
     try:
         res = micro_benchmark(srv, cfg, prime=Primer(tmp, not args.no_prime))
+        res["_dirty_kib_before"] = dirty
         res["_pid"] = srv.pid
     finally:
         srv.stop()
@@ -1453,7 +1486,8 @@ def main(argv=None):
                     res = one_workload(kind, args, tmp, args.rclone, dataset, f"{i}",
                                        trash=trash)
                     workloads[kind].append(res)
-                    log("  " + ", ".join(f"{ph} {res[ph]['wall']:.1f}s" for ph in PHASES))
+                    log("  " + ", ".join(f"{ph} {res[ph]['wall']:.1f}s" for ph in PHASES)
+                        + dirty_note(res))
             if args.scale == "tiny":  # the whole dataset fits in one default pack
                 log("tiny scale: no --pack-size 128 run (the dataset is smaller than a pack)")
             elif not args.no_pack_size_run:
@@ -1470,7 +1504,8 @@ def main(argv=None):
                     log(f"micro benchmark run {i + 1}/{args.runs}: {kind}")
                     res = one_micro(kind, args, tmp, args.rclone, cfg, f"{i}", trash=trash)
                     micro_runs[kind].append(res)
-                    log("  " + ", ".join(f"{op} {res[op]['wall']:.2f}s" for op in MICRO_OPS))
+                    log("  " + ", ".join(f"{op} {res[op]['wall']:.2f}s" for op in MICRO_OPS)
+                        + dirty_note(res))
             result["micro_runs"] = micro_runs
         log("startup and idle memory")
         startup = measure_startup(args, tmp, args.rclone, args.runs)
