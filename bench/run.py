@@ -105,16 +105,21 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
-def status_kib(pid, key):
-    """A `kB` field of /proc/PID/status (VmRSS, VmHWM), or None."""
+def proc_kib(path, key):
+    """A `kB` field of a /proc file such as /proc/meminfo, or None."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def status_kib(pid, key):
+    """A `kB` field of /proc/PID/status (VmRSS, VmHWM), or None."""
+    return proc_kib(f"/proc/{pid}/status", key)
 
 
 def reset_hwm(pid):
@@ -166,20 +171,20 @@ class Trash:
     usual price, most visibly the 262 folders of pyrestserver's `init`, which
     no server sees in service.  So a tree is renamed into the trash and its
     larger files are emptied (that returns their space now; the inodes stay),
-    and the trash is deleted at the end."""
+    and the trash is deleted at the end.  Without a folder, trees are deleted
+    at once."""
 
     KEEP_BELOW = 64 * 1024
 
-    def __init__(self, folder, enabled=True):
+    def __init__(self, folder):
         self.folder = Path(folder) if folder else None
-        self.enabled = enabled
         self._count = itertools.count()
 
     def discard(self, path):
         path = Path(path)
         if not path.exists():
             return
-        if not self.enabled:
+        if self.folder is None:
             shutil.rmtree(path, ignore_errors=True)
             return
         self.folder.mkdir(exist_ok=True)
@@ -195,19 +200,12 @@ class Trash:
                     pass
 
 
-DELETE_AT_ONCE = Trash(None, enabled=False)
+DELETE_AT_ONCE = Trash(None)
 
 
 def dirty_kib():
-    """The page cache's dirty data, in KiB (/proc/meminfo), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("Dirty:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    """The page cache's dirty data, in KiB, or None."""
+    return proc_kib("/proc/meminfo", "Dirty")
 
 
 def dirty_note(res):
@@ -1456,7 +1454,7 @@ def main(argv=None):
         "loadavg_start": os.getloadavg()[0],
     }
     result = {"env": env_info, "complete": False, "failure": None}
-    trash = Trash(tmp / "trash", enabled=not args.delete_between_runs)
+    trash = Trash(None if args.delete_between_runs else tmp / "trash")
     code = 0
     try:
         log(f"temp folder {tmp}; rclone {env_info['rclone']} ({args.rclone}); "

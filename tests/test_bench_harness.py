@@ -143,7 +143,7 @@ def test_trash_disabled_deletes_at_once(tmp_path):
     (run / "data").mkdir(parents=True)
     (run / "data" / "x").write_bytes(b"x")
 
-    bench.Trash(tmp_path / "trash", enabled=False).discard(run)
+    bench.Trash(None).discard(run)
 
     assert not run.exists()
     assert not (tmp_path / "trash").exists()
