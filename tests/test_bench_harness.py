@@ -117,6 +117,47 @@ def test_tiny_run_produces_a_complete_verified_table(tmp_path):
     assert os.listdir(work) == []
 
 
+@pytest.mark.timeout(200)
+def test_a_pyrestserver_peer_replaces_rclone_and_drops_the_targets(tmp_path):
+    """--peer-script: both slots run pyrestserver (here the same file, an A/A
+    run); rclone is never started, so a missing rclone binary does not matter."""
+    bench = load_harness()
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "bench.json"
+    script = str(ROOT / "pyrestserver.py")
+    p = subprocess.run(
+        [sys.executable, str(RUN_PY), "--scale", "tiny", "--runs", "1", "--only", "micro",
+         "--out", str(out), "--tmp", str(work), "--peer-script", script,
+         "--rclone", str(tmp_path / "no-such-rclone")],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180, cwd=str(ROOT),
+    )
+    assert p.returncode == 0, f"stdout:\n{p.stdout}\nstderr:\n{p.stderr[-5000:]}"
+
+    result = json.loads(out.read_text())
+    assert result["env"]["peer_name"] == "peer pyrestserver"
+    assert result["env"]["peer"].endswith(f"({script})")
+    assert result["wrong_answers"] == {}
+    for name in bench.MICRO_OPS:
+        row = result["micro"][name]
+        for server in bench.SERVERS:
+            assert row[server]["n"] == 1 and row[server]["requests"] > 0, (name, server)
+        assert row["ratio"]["wall"] > 0, name
+    assert result["startup"]["peer"]["idle_rss_kib"] > 0
+    assert result["targets"] == []
+    for runs in result["micro_runs"].values():
+        for run in runs:
+            assert not process_is(run["_pid"], ("pyrestserver",)), run["_pid"]
+
+    text = p.stdout
+    assert text.startswith("## pyrestserver vs peer pyrestserver")
+    assert "Cells: pyrestserver / peer pyrestserver" in text
+    assert "| peer pyrestserver |" in text  # the startup table
+    assert "### targets" not in text
+    assert "micro benchmark run 1/1: peer pyrestserver" in p.stderr
+    assert os.listdir(work) == []
+
+
 def test_trash_keeps_inodes_until_the_end_but_gives_space_back_now(tmp_path):
     bench = load_harness()
     run = tmp_path / "run-0"
