@@ -76,6 +76,9 @@ V2_TYPE = "application/vnd.x.restic.rest.v2"
 #: this size, so it is also the memory one upload in progress holds.
 CHUNK_SIZE = 256 * 1024
 LISTING_CACHE_ENTRIES = 100_000  # objects whose listing the local backend remembers
+#: An upload asks the kernel to start writing its data to disk after every
+#: this many bytes, so that the fsync before the 200 waits only for the tail.
+WRITEBACK_STEP = 2 * 1024 * 1024
 
 
 class StorageError(Exception):
@@ -266,6 +269,8 @@ class LocalUpload(Upload):
         self.fd = fd
         self.temp_path = temp_path
         self.done = False
+        self.written = 0
+        self.written_back = 0  # bytes whose writeback has been started
 
     def write(self, chunk):
         view = memoryview(chunk)
@@ -275,6 +280,24 @@ class LocalUpload(Upload):
             except OSError as exc:
                 raise storage_error(exc, "write") from None
             view = view[written:]
+            self.written += written
+        if self.written - self.written_back >= WRITEBACK_STEP:
+            self._start_writeback()
+
+    def _start_writeback(self):
+        """Start writing the bytes written so far to disk, without waiting.
+
+        Left alone, a pack sits dirty in the page cache until the fsync in
+        commit() writes all of it while the client waits for its 200; on a
+        slow disk that is most of an upload's time.  POSIX_FADV_DONTNEED on
+        Linux starts the writeback of the range and drops only pages that are
+        already clean, so the data mostly stays cached.  It is advice: where
+        it is missing or refused, commit()'s fsync does all the work."""
+        start, self.written_back = self.written_back, self.written
+        try:
+            os.posix_fadvise(self.fd, start, self.written - start, os.POSIX_FADV_DONTNEED)
+        except (AttributeError, OSError):
+            pass
 
     def commit(self):
         provider = self.provider

@@ -744,6 +744,64 @@ def test_fsync_error_never_yields_200(start_server, report, has_strace, tmp_path
     assert srv.request("GET", "/health").status == 200
 
 
+def writeback_ranges(events, path_part):
+    """(offset, length) of each POSIX_FADV_DONTNEED on a temp file whose
+    path contains path_part, and the index of that file's first fsync."""
+    ranges, fsync_at = [], None
+    for e in events:
+        fd_path = e.fd_path() or ""
+        if ".upload-" not in fd_path or path_part not in fd_path:
+            continue
+        if e.name.startswith("fadvise64") and "POSIX_FADV_DONTNEED" in e.args:
+            offset, length = (int(x) for x in re.findall(r", (\d+)", e.args)[:2])
+            ranges.append((offset, length, e.index))
+        elif e.name in ("fsync", "fdatasync") and fsync_at is None:
+            fsync_at = e.index
+    return ranges, fsync_at
+
+
+def test_large_uploads_start_writeback_before_their_fsync(start_server, report, has_strace,
+                                                          tmp_path):
+    """An upload of a pack asks the kernel to write its data to disk every
+    2 MiB (POSIX_FADV_DONTNEED), so the fsync before the 200 waits only for
+    the tail: the advice covers the file from its start, in order, without a
+    gap, before the fsync.  A small object gets none.  The advice may be
+    refused (here every call fails with EIO): the upload is the same 200, the
+    object complete, its fsync done."""
+    need(has_strace, "strace (as root)")
+    srv = start_server("--no-auth")
+    srv.create_repo("r")
+    big, small = os.urandom(9 * MiB + 4321), os.urandom(4096)
+    trace = tmp_path / "writeback.trace"
+    with Strace(srv.pid, trace, "-e", "trace=/^fadvise64,fsync"):
+        statuses = [post_raw(srv, target("r", "data", object_id(body)), body)
+                    for body in (big, small)]
+    events = parse_strace(trace)
+    ranges, fsync_at = writeback_ranges(events, f"/data/{object_id(big)[:2]}/")
+    small_ranges, _ = writeback_ranges(events, f"/data/{object_id(small)[:2]}/")
+    refused = tmp_path / "refused.trace"
+    again = os.urandom(9 * MiB)
+    with Strace(srv.pid, refused, "-e", "trace=/^fadvise64,fsync",
+                "-e", "inject=/^fadvise64:error=EIO"):
+        status_refused = post_raw(srv, target("r", "data", object_id(again)), again)
+    refused_events = parse_strace(refused)
+    injected = sum(e.injected for e in refused_events)
+    report("upload_writeback", advice_calls=len(ranges), fsync_index=fsync_at,
+           advised_mib=round(sum(r[1] for r in ranges) / MiB, 2), small_advice=len(small_ranges),
+           refused_injected=injected, refused_status=status_refused)
+    assert statuses == [200, 200] and status_refused == 200
+    assert len(ranges) == 4, ranges  # 9 MiB: at 2, 4, 6 and 8 MiB
+    assert [r[0] for r in ranges] == [0] + [r[0] + r[1] for r in ranges[:-1]], ranges
+    assert all(r[1] >= 2 * MiB for r in ranges), ranges
+    assert fsync_at is not None and all(r[2] < fsync_at for r in ranges)
+    assert small_ranges == []
+    assert injected == 4
+    assert any(e.name == "fsync" and e.ret == 0 and ".upload-" in (e.fd_path() or "")
+               for e in refused_events)
+    for body in (big, small, again):
+        assert obj_path(srv.data_dir, "r", "data", object_id(body)).read_bytes() == body
+
+
 # =============================================================================
 # 4. Storage faults: full disk, injected ENOSPC, read-only filesystem, EIO
 # =============================================================================
