@@ -745,8 +745,8 @@ def test_fsync_error_never_yields_200(start_server, report, has_strace, tmp_path
 
 
 def writeback_ranges(events, path_part):
-    """(offset, length) of each POSIX_FADV_DONTNEED on a temp file whose
-    path contains path_part, and the index of that file's first fsync."""
+    """(offset, length, event index) of each POSIX_FADV_DONTNEED on a temp
+    file whose path contains path_part, and the index of its first fsync."""
     ranges, fsync_at = [], None
     for e in events:
         fd_path = e.fd_path() or ""
